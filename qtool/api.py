@@ -1,0 +1,136 @@
+"""The Python API the CLI calls: quantize a recipe, load any model, evaluate perplexity."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import qtool
+from qtool.errors import QtoolError
+from qtool.models.loading import is_qtool_checkpoint, load_hf_model, resolve_device
+from qtool.recipe import Recipe, load_recipe, step_name
+
+logger = logging.getLogger("qtool")
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "qtool": qtool.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+
+
+def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, export: bool = True):
+    """Run every step of ``recipe``; export to ``output`` (or the recipe's) when ``export``.
+
+    Returns the step :class:`~qtool.steps.base.Context` (model, tokenizer, results).
+    """
+    from qtool.export.writer import check_output
+    from qtool.models.prepare import prepare_model
+    from qtool.steps import parse_step
+    from qtool.steps.base import Context
+
+    torch.manual_seed(recipe.seed)
+    steps = list(recipe.steps)
+    names = [step_name(s) for s in steps]
+    out = output or recipe.output
+    if export:
+        if out is None:
+            raise QtoolError("no output folder: pass --output DIR or set `output:` in the recipe")
+        check_output(out, overwrite)  # fail before hours of work, not after
+        if "export" not in names:
+            steps.append(parse_step("export", len(steps)))
+    else:
+        steps = [s for s in steps if step_name(s) != "export"]
+    device = resolve_device(recipe.device)
+    model, tok = load_hf_model(recipe.model, recipe.dtype, str(device))
+    prepare_model(model, recipe.scheme)
+    ctx = Context(recipe=recipe, model=model, tokenizer=tok, device=device)
+    ctx.results["_output"], ctx.results["_overwrite"] = out, overwrite
+    start = time.perf_counter()
+    for step in steps:
+        t0 = time.perf_counter()
+        logger.info("step %s", step_name(step))
+        step.apply(ctx)
+        ctx.record(step_name(step), {"seconds": round(time.perf_counter() - t0, 3)})
+    ctx.results["quantize_seconds"] = time.perf_counter() - start
+    if device.type == "cuda":
+        ctx.results["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return ctx
+
+
+def quantize(recipe: str | Path | Recipe, output=None, overwrite: bool = False):
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return run_recipe(recipe, output, overwrite, export=True)
+
+
+def load(target: str, dtype: str = "float32", device: str = "auto"):
+    """Load a model for evaluation. ``target``: an embedded name, hub id or HF folder (unquantized),
+    a qtool checkpoint folder, or a recipe ``.yaml`` (quantized in memory, not exported).
+
+    Returns ``(model, tokenizer, info)``; ``info`` says what was loaded.
+    """
+    if str(target).endswith((".yaml", ".yml")):
+        recipe = load_recipe(target)
+        recipe.device = device if device != "auto" else recipe.device
+        ctx = run_recipe(recipe, export=False)
+        return ctx.model, ctx.tokenizer, {"kind": "in-memory", "recipe": recipe.to_dict(), "scheme": recipe.scheme.label()}
+    if is_qtool_checkpoint(target):
+        from qtool.export.loader import load_checkpoint
+
+        model, tok, meta = load_checkpoint(target, dtype, device)
+        return model, tok, {"kind": "checkpoint", "scheme": meta["scheme"], "format": meta["format"]}
+    model, tok = load_hf_model(target, dtype, device)
+    return model, tok, {"kind": "unquantized", "dtype": dtype}
+
+
+def evaluate_ppl(
+    target: str,
+    dataset: str = "wikitext2",
+    seq_len: int = 2048,
+    limit: int | None = None,
+    batch_size: int = 1,
+    prefix: str = "none",
+    dtype: str = "float32",
+    device: str = "auto",
+) -> dict[str, Any]:
+    from qtool.eval.perplexity import perplexity
+
+    t0 = time.perf_counter()
+    model, tok, info = load(target, dtype, device)
+    load_seconds = time.perf_counter() - t0
+    res = perplexity(model, tok, dataset, seq_len, limit, batch_size, prefix)
+    return {
+        "model": str(target),
+        "loaded": info,
+        "ppl": res.ppl,
+        "protocol": {
+            "dataset": dataset,
+            "split": "test",
+            "join": "\\n\\n",
+            "seq_len": seq_len,
+            "windows": res.windows,
+            "total_windows": res.total_windows,
+            "first_windows": True,
+            "tokens_scored": res.tokens_scored,
+            "prefix": res.prefix,
+            "ppl": "exp(mean window NLL)",
+        },
+        "nll_per_window": res.nll_per_window,
+        "dtype": dtype,
+        "device": str(next(model.parameters()).device),
+        "versions": versions(),
+        "eval_seconds": res.seconds,
+        "load_seconds": load_seconds,
+    }

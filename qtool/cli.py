@@ -1,0 +1,167 @@
+"""The ``qtool`` command line: parses arguments, calls :mod:`qtool.api`, renders with rich."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from qtool.errors import QtoolError
+from qtool.log import console, setup_logging
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Post-training quantization of Llama-family LLMs: W4A4KV4, rotation, GPTQ, IntactKV, WKVQuant, BiSup, LRC.",
+)
+recipe_app = typer.Typer(no_args_is_help=True, help="Work with recipe files.")
+app.add_typer(recipe_app, name="recipe")
+logger = logging.getLogger("qtool")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    setup_logging(verbose)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _write_json(path: Optional[Path], data: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+    console.print(f"wrote {path}")
+
+
+def _error_table(errors: dict[str, float], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("layer")
+    table.add_column("error", justify="right")
+    for name, err in errors.items():
+        table.add_row(name, f"{err:.4g}")
+    return table
+
+
+@app.command()
+def quantize(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="checkpoint folder (default: the recipe's output)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    device: Optional[str] = typer.Option(None, "--device", help="override the recipe's device (cpu, cuda, ...)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write step results (errors, times, sizes) as JSON"),
+) -> None:
+    """Run a recipe and export the quantized checkpoint."""
+    from qtool import api
+    from qtool.recipe import load_recipe
+
+    try:
+        r = load_recipe(recipe)
+        if device:
+            r.device = device
+        ctx = api.quantize(r, output, overwrite)
+    except QtoolError as exc:
+        _fail(exc)
+    res = {k: v for k, v in ctx.results.items() if not k.startswith("_")}
+    for step, data in res.items():
+        if isinstance(data, dict) and data.get("layer_errors") and len(data["layer_errors"]) <= 400:
+            console.print(_error_table(data["layer_errors"], f"{step}: per-layer quantization error"))
+    summary = Table(title=f"qtool quantize {recipe}")
+    summary.add_column("step")
+    summary.add_column("seconds", justify="right")
+    for step, data in res.items():
+        if isinstance(data, dict) and "seconds" in data:
+            summary.add_row(step, f"{data['seconds']:.1f}")
+    console.print(summary)
+    exp = res.get("export", {})
+    if exp:
+        console.print(f"checkpoint: {exp['path']} ({exp['bytes'] / 1e6:.1f} MB, decoder linears {exp['decoder_linear_bytes'] / 1e6:.1f} MB)")
+    if "peak_gpu_memory_gb" in res:
+        console.print(f"peak GPU memory: {res['peak_gpu_memory_gb']:.2f} GiB")
+    _write_json(json_out, {"recipe": r.to_dict(), "results": res, "versions": api.versions()})
+
+
+@app.command("eval")
+def eval_cmd(
+    target: str = typer.Argument(..., help="checkpoint folder, HF folder, hub id, smollm2-135m, or a recipe .yaml (in memory)"),
+    ppl: str = typer.Option("wikitext2", "--ppl", help="perplexity dataset: wikitext2, c4 or a local file"),
+    seq_len: int = typer.Option(2048, "--seq-len", help="window length in tokens"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N windows only"),
+    batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
+    prefix: str = typer.Option("none", "--prefix", help="unscored prefix before every window: none, bos or a text"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON"),
+) -> None:
+    """Perplexity by the papers' protocol (non-overlapping windows, exp of the mean window loss)."""
+    from qtool import api
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        _fail(QtoolError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}"))
+    try:
+        res = api.evaluate_ppl(target, ppl, seq_len, limit, batch_size, prefix, dtype, device)
+    except QtoolError as exc:
+        _fail(exc)
+    p = res["protocol"]
+    table = Table(title=f"{ppl} perplexity")
+    for col in ("model", "ppl", "seq len", "windows", "prefix", "device", "eval s"):
+        table.add_column(col)
+    table.add_row(
+        target, f"{res['ppl']:.4f}", str(p["seq_len"]), f"{p['windows']}/{p['total_windows']}", p["prefix"],
+        res["device"], f"{res['eval_seconds']:.1f}",
+    )
+    console.print(table)
+    typer.echo(f"ppl={res['ppl']:.6f}")
+    _write_json(json_out, res)
+
+
+@recipe_app.command("check")
+def recipe_check(recipes: list[Path] = typer.Argument(..., help="recipe files")) -> None:
+    """Validate recipes without running them."""
+    from qtool.recipe import load_recipe, step_name
+
+    failed = 0
+    for path in recipes:
+        try:
+            r = load_recipe(path)
+        except QtoolError as exc:
+            console.print(f"[red]FAIL[/] {exc}")
+            failed += 1
+            continue
+        steps = " -> ".join(step_name(s) for s in r.steps)
+        console.print(f"[green]ok[/]   {path}: {r.model}, {r.scheme.label()}, steps: {steps}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: Path) -> None:
+    """Print the resolved recipe (defaults filled in)."""
+    from qtool.recipe import load_recipe
+
+    try:
+        typer.echo(load_recipe(recipe).to_yaml())
+    except QtoolError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,112 @@
+"""Load a qtool checkpoint back into the simulation model (the same math as in memory).
+
+The loader rebuilds the architecture from ``config.json``, installs qtool's QLinears and
+attention for the saved scheme, re-applies the online transforms recorded in ``qtool.json``,
+and fills quantized linears from their packed codes, so the reloaded model computes exactly
+what the in-memory quantized model computed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from qtool.errors import QtoolError
+from qtool.models.loading import DTYPES, resolve_device
+from qtool.models.qlinear import QuantizedWeight
+from qtool.quant.packing import unpack_gptq, unpack_int4, unpack_int4_dim0
+
+logger = logging.getLogger("qtool")
+
+# hooks registered by steps whose exports carry extra runtime state: name -> fn(model, meta, path)
+RUNTIME_LOADERS: dict[str, object] = {}
+
+
+def register_runtime_loader(name: str):
+    def wrap(fn):
+        RUNTIME_LOADERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _unpack(tensors: dict, prefix: str, spec, fmt: str, out_features: int, in_features: int) -> QuantizedWeight:
+    if fmt == "gptq":
+        codes = unpack_gptq(tensors.pop(f"{prefix}.qweight"), in_features)
+        scale = tensors.pop(f"{prefix}.scales").float().t().contiguous()
+        tensors.pop(f"{prefix}.qzeros")
+        tensors.pop(f"{prefix}.g_idx")
+        zero = torch.zeros_like(scale, dtype=torch.int8)
+        return QuantizedWeight(codes, scale, zero, spec)
+    shape = tensors.pop(f"{prefix}.weight_shape").tolist()
+    if shape != [out_features, in_features]:
+        raise QtoolError(f"{prefix}: weight_shape {shape} does not match the model ({out_features}, {in_features})")
+    if spec.bits == 4:
+        codes = unpack_int4(tensors.pop(f"{prefix}.weight_packed"), in_features)
+    else:
+        codes = tensors.pop(f"{prefix}.weight").to(torch.int8)
+    scale = tensors.pop(f"{prefix}.weight_scale").float()
+    zp = tensors.pop(f"{prefix}.weight_zero_point", None)
+    if zp is None:
+        zero = torch.zeros_like(scale, dtype=torch.int8)
+    else:
+        zero = unpack_int4_dim0(zp, out_features) if spec.bits == 4 else zp.to(torch.int8)
+    return QuantizedWeight(codes, scale, zero, spec)
+
+
+def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "auto"):
+    """Load a qtool export. Returns ``(model, tokenizer, meta)``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qtool.models.prepare import iter_qlinears, prepare_model
+    from qtool.recipe import Scheme
+
+    path = Path(path)
+    meta_file = path / "qtool.json"
+    if not meta_file.is_file():
+        raise QtoolError(f"{path} is not a qtool checkpoint (no qtool.json)")
+    meta = json.loads(meta_file.read_text())
+    scheme = Scheme.model_validate(meta["scheme"])
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    prepare_model(model, scheme)
+    from qtool.steps.runtime import apply_runtime
+
+    apply_runtime(model, meta.get("runtime", {}))
+    tensors = load_file(str(path / "model.safetensors"))
+    fmt = meta["format"]
+    wspec = scheme.weights.spec() if scheme.weights else None
+    quantized = set(meta.get("quantized_modules", []))
+    names = {id(m): n for n, m in model.named_modules()}
+    for _, _, lin in iter_qlinears(model):
+        prefix = names[id(lin)]
+        if prefix not in quantized:
+            continue
+        lin.set_quantized(_unpack(tensors, prefix, wspec, fmt, lin.out_features, lin.in_features))
+        bias = tensors.pop(f"{prefix}.bias", None)
+        if bias is not None:
+            lin.bias.data = bias.to(lin.weight.dtype)
+    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in quantized}
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    missing = expected - set(tensors)
+    if missing:
+        raise QtoolError(f"{path}: checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    unexpected = set(tensors) - set(model.state_dict())
+    if unexpected:
+        raise QtoolError(f"{path}: checkpoint has {len(unexpected)} tensors the model lacks, e.g. {sorted(unexpected)[:3]}")
+    model.load_state_dict(tensors, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for name, fn in RUNTIME_LOADERS.items():
+        if name in meta.get("sidecars", []) or name in meta.get("runtime", {}):
+            fn(model, meta, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    return model.to(resolve_device(device)), tok, meta

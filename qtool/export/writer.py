@@ -1,0 +1,251 @@
+"""Checkpoint writer: safetensors in compressed-tensors or GPTQ layout, written atomically.
+
+A checkpoint folder holds:
+
+* ``model.safetensors``: quantized decoder linears as ``weight_packed`` (int4, see
+  ``qtool.quant.packing``) or int8 ``weight`` (other bit widths), ``weight_scale``,
+  ``weight_zero_point`` (asymmetric), ``weight_shape``; every other tensor in the checkpoint dtype;
+* ``config.json`` with a compressed-tensors ``quantization_config`` (or GPTQ's);
+* ``qtool.json``: what qtool's runtime needs beyond that (activation and KV quantization, the
+  online rotations of a rotated model, sidecar files), and ``recipe.yaml``, the resolved recipe;
+* sidecars registered by steps (``ctx.runtime["sidecars"]``), e.g. the IntactKV pivot cache,
+  kept out of the weight file so engines that do not know them are not confused.
+
+Everything is written to a temporary folder beside the target and renamed at the end, so an
+interrupted export never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+import qtool
+from qtool.errors import QtoolError
+from qtool.models.prepare import iter_qlinears
+from qtool.quant.packing import pack_gptq, pack_int4, pack_int4_dim0
+
+logger = logging.getLogger("qtool")
+FORMATS = ("compressed-tensors", "gptq")
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise QtoolError(f"output folder {path} exists; pass --overwrite to replace it or choose another --output")
+    if path.exists() and not path.is_dir():
+        raise QtoolError(f"output {path} exists and is not a folder")
+    return path
+
+
+def _ct_args(spec, dynamic: bool, strategy: str | None = None) -> dict[str, Any]:
+    if strategy is None:
+        strategy = {"channel": "channel", "group": "group", "token": "token", "tensor": "tensor"}[spec.granularity]
+    return {
+        "num_bits": spec.bits,
+        "type": "int",
+        "symmetric": spec.symmetric,
+        "strategy": strategy,
+        "group_size": spec.group_size if spec.granularity == "group" else None,
+        "dynamic": dynamic,
+        "actorder": None,
+        "observer": None if dynamic else "minmax",
+        "observer_kwargs": {},
+        "block_structure": None,
+    }
+
+
+def quantization_config(scheme, fmt: str) -> dict[str, Any]:
+    w = scheme.weights.spec() if scheme.weights else None
+    if fmt == "gptq":
+        return {
+            "quant_method": "gptq",
+            "bits": w.bits,
+            "group_size": w.group_size if w.granularity == "group" else -1,
+            "desc_act": False,
+            "sym": True,
+            "checkpoint_format": "gptq",
+        }
+    group: dict[str, Any] = {
+        "targets": [f"re:.*\\.{name}$" for name in scheme.targets],
+        "weights": _ct_args(w, dynamic=False) if w else None,
+        "input_activations": _ct_args(scheme.activations.spec(), dynamic=True) if scheme.activations else None,
+        "output_activations": None,
+    }
+    packed = w is not None and w.bits == 4
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized" if packed else ("int-quantized" if w else "dense"),
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+    }
+
+
+def _linear_tensors(prefix: str, lin, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    qw = lin.qweight
+    out: dict[str, torch.Tensor] = {}
+    if lin.bias is not None:
+        out[f"{prefix}.bias"] = lin.bias.data.to(dtype)
+    if fmt == "gptq":
+        out[f"{prefix}.qweight"] = pack_gptq(qw.codes)
+        out[f"{prefix}.scales"] = qw.scale.t().contiguous().to(dtype)
+        groups = qw.scale.shape[1]
+        zeros = torch.full((groups, qw.codes.shape[0]), 7, dtype=torch.int8)  # v1 stores zero - 1
+        out[f"{prefix}.qzeros"] = pack_int4_dim0(zeros.t().contiguous() - 8).t().contiguous()
+        g = qw.spec.group_size or qw.codes.shape[1]
+        out[f"{prefix}.g_idx"] = (torch.arange(qw.codes.shape[1]) // g).to(torch.int32)
+        return out
+    if qw.spec.bits == 4:
+        out[f"{prefix}.weight_packed"] = pack_int4(qw.codes)
+    else:
+        out[f"{prefix}.weight"] = qw.codes.clone()
+    out[f"{prefix}.weight_scale"] = qw.scale.to(dtype)
+    out[f"{prefix}.weight_shape"] = torch.tensor(list(qw.codes.shape), dtype=torch.int64)
+    if not qw.spec.symmetric:
+        zp = qw.zero
+        out[f"{prefix}.weight_zero_point"] = pack_int4_dim0(zp) if qw.spec.bits == 4 else zp.clone()
+    return out
+
+
+def checkpoint_tensors(model, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict as written: quantized linears packed, the rest cast to ``dtype``."""
+    tensors: dict[str, torch.Tensor] = {}
+    quantized = set()
+    for i, name, lin in iter_qlinears(model):
+        if lin.qweight is None:
+            continue
+        prefix = _module_name(model, lin)
+        quantized.add(prefix)
+        tensors.update(_linear_tensors(prefix, lin, fmt, dtype))
+    params = {name for name, _ in model.named_parameters()}
+    for key, value in model.state_dict(keep_vars=False).items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in quantized:
+            continue
+        if getattr(model.config, "tie_word_embeddings", False) and key == "lm_head.weight":
+            continue
+        # parameters in the checkpoint dtype; buffers (fixed rotation matrices) keep theirs
+        tensors[key] = value.to(dtype) if key in params and value.is_floating_point() else value
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _module_name(model, module) -> str:
+    for name, mod in model.named_modules():
+        if mod is module:
+            return name
+    raise RuntimeError("module not found in model")
+
+
+def write_checkpoint(
+    ctx,
+    output: str | Path,
+    fmt: str = "compressed-tensors",
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``ctx.model`` to ``output`` atomically; returns size information."""
+    if fmt not in FORMATS:
+        raise QtoolError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    scheme = ctx.scheme
+    if fmt == "gptq":
+        w = scheme.weights
+        if w is None or w.bits != 4 or not w.symmetric or scheme.activations or ctx.runtime.get("rotation"):
+            raise QtoolError(
+                "format gptq holds symmetric 4-bit weight-only (W4A16) models without online rotations; "
+                "use format: compressed-tensors"
+            )
+    output = check_output(output, overwrite)
+    model = ctx.model
+    dtype = ctx.scale_dtype
+    tensors = checkpoint_tensors(model, fmt, dtype)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["quantization_config"] = quantization_config(scheme, fmt)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    meta = {
+        "qtool_version": qtool.__version__,
+        "format": fmt,
+        "checkpoint_dtype": str(dtype).removeprefix("torch."),
+        "scheme": scheme.model_dump(mode="json"),
+        "runtime": {k: v for k, v in ctx.runtime.items() if k != "sidecars"},
+        "sidecars": sorted(ctx.runtime.get("sidecars", {})),
+        "quantized_modules": sorted(
+            _module_name(model, lin) for _, _, lin in iter_qlinears(model) if lin.qweight is not None
+        ),
+        **(extra or {}),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        (tmp / "qtool.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
+        ctx.tokenizer.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        for name, writer in ctx.runtime.get("sidecars", {}).items():
+            writer(tmp / name)
+        _replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return checkpoint_size(output)
+
+
+def _replace(tmp: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+        tmp.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(output)
+
+
+def checkpoint_size(path: str | Path) -> dict[str, Any]:
+    """Bytes on disk of the checkpoint's tensors, and of its quantized linears alone."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    linear_bytes = 0
+    with safe_open(str(path / "model.safetensors"), "pt") as fh:
+        for key in fh.keys():
+            if ".layers." in key and "_proj." in key:
+                linear_bytes += _nbytes(fh, key)
+    return {"bytes": total, "decoder_linear_bytes": linear_bytes}
+
+
+def _nbytes(fh, key: str) -> int:
+    sl = fh.get_slice(key)
+    n = 1
+    for d in sl.get_shape():
+        n *= d
+    size = {"I32": 4, "I64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}[sl.get_dtype()]
+    return n * size
+
+
+@torch.no_grad()
+def round_unquantized_(model, dtype: torch.dtype) -> None:
+    """Round the in-memory model's unquantized float tensors to the checkpoint dtype, in place,
+    so the model in memory after export computes exactly what the checkpoint does."""
+    quantized = {id(lin) for _, _, lin in iter_qlinears(model) if lin.qweight is not None}
+    for module in model.modules():
+        if id(module) in quantized:
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype).to(module.bias.dtype)
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype).to(p.dtype)

@@ -1,0 +1,219 @@
+"""Integer quantization primitives: one home for the grid every qtool path uses.
+
+Conventions (used by fake-quant, GPTQ, export and the kernels alike):
+
+* codes are *signed* integers ``q`` in ``[-2**(b-1), 2**(b-1) - 1]`` stored in ``int8``;
+* ``dequant = (q - z) * s`` with an integer zero point ``z`` in the same signed range
+  (``z == 0`` for symmetric quantization);
+* symmetric scale ``s = clip * amax / (2**(b-1) - 1)``; asymmetric scale
+  ``s = clip * (max - min) / (2**b - 1)`` with ``z = round(-clip*min / s) - 2**(b-1)``;
+* granularity ``tensor`` / ``channel`` (one per output row) / ``group`` (``group_size``
+  consecutive input columns per row) / ``token`` (one per row of an activation, i.e. the
+  last dimension is reduced). ``group`` on a width that ``group_size`` does not divide is an
+  error unless ``ragged=True``, in which case the last group is shorter.
+
+Everything here is a pure tensor function; nothing reads global state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+GRANULARITIES = ("tensor", "channel", "group", "token")
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How one tensor is quantized. ``channel`` and ``token`` both reduce the last dim."""
+
+    bits: int = 4
+    symmetric: bool = True
+    granularity: str = "channel"
+    group_size: int | None = None
+    clip_ratio: float = 1.0
+    ragged: bool = False
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
+            )
+        if self.granularity == "group" and (self.group_size is None or self.group_size < 1):
+            raise ValueError("granularity 'group' needs a positive group_size (e.g. 64 or 128)")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def check_width(self, width: int, name: str = "tensor") -> None:
+        """Raise a clear error when a group size does not divide ``width``."""
+        if self.granularity == "group" and width % self.group_size and not self.ragged:
+            raise ValueError(
+                f"group_size {self.group_size} does not divide the input width {width} of {name}; "
+                f"use a group size that divides it (e.g. {_divisor_hint(width)}), per-channel "
+                f"quantization, or set ragged: true to allow a shorter last group"
+            )
+
+
+def _divisor_hint(width: int) -> str:
+    good = [g for g in (32, 64, 96, 128, 192, 256) if width % g == 0]
+    return ", ".join(str(g) for g in good) if good else "a divisor of the width"
+
+
+def n_groups(width: int, spec: QSpec) -> int:
+    if spec.granularity != "group":
+        return 1
+    return math.ceil(width / spec.group_size)
+
+
+def _grouped(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, int]:
+    """View the last dim as (groups, group_size), padding a ragged tail with its own values."""
+    width = x.shape[-1]
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1), 0
+    if spec.granularity in ("channel", "token"):
+        return x.reshape(-1, 1, width), 0
+    g = spec.group_size
+    pad = (-width) % g
+    if pad:
+        # replicate the last column so padding never changes min/max of the last group
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.reshape(-1, x.shape[-1] // g, g), pad
+
+
+def compute_qparams(
+    x: torch.Tensor, spec: QSpec, clip: float | torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for ``x``.
+
+    Returns ``(scale, zero)`` of shape ``[rows, groups]`` (``[1, 1]`` for tensor), float32
+    scale and int8 zero. ``clip`` overrides ``spec.clip_ratio`` (a float or a tensor
+    broadcastable to ``[rows, groups]``, used by MSE search and learned clipping).
+    """
+    xg, _ = _grouped(x.float(), spec)
+    if spec.granularity == "tensor":
+        xg = xg.reshape(1, 1, -1)
+    ratio = spec.clip_ratio if clip is None else clip
+    xmin = xg.amin(dim=-1).clamp(max=0) * ratio
+    xmax = xg.amax(dim=-1).clamp(min=0) * ratio
+    if spec.symmetric:
+        amax = torch.maximum(xmax, -xmin)
+        scale = (amax / spec.qmax).clamp(min=1e-8)
+        zero = torch.zeros_like(scale, dtype=torch.int8)
+    else:
+        scale = ((xmax - xmin) / (2**spec.bits - 1)).clamp(min=1e-8)
+        zero = (torch.round(-xmin / scale) + spec.qmin).clamp(spec.qmin, spec.qmax).to(torch.int8)
+    return scale, zero
+
+
+def _expand(p: torch.Tensor, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """Broadcast per-(row, group) params to the shape of ``x``."""
+    if spec.granularity == "tensor":
+        return p.reshape(())
+    if spec.granularity in ("channel", "token"):
+        return p.reshape(*x.shape[:-1], 1)
+    width = x.shape[-1]
+    full = p.repeat_interleave(spec.group_size, dim=-1)[..., :width]
+    return full.reshape(x.shape)
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec
+) -> torch.Tensor:
+    """Integer codes (int8, signed) of ``x`` under ``scale``/``zero``."""
+    s = _expand(scale, x, spec)
+    z = _expand(zero.float(), x, spec)
+    q = torch.round(x.float() / s) + z
+    return q.clamp(spec.qmin, spec.qmax).to(torch.int8)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec
+) -> torch.Tensor:
+    """``(q - z) * s`` in float32."""
+    s = _expand(scale, q, spec)
+    z = _expand(zero.float(), q, spec)
+    return (q.float() - z) * s
+
+
+def fake_quant(x: torch.Tensor, spec: QSpec, clip=None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with dynamic parameters; returns ``x``'s dtype."""
+    scale, zero = compute_qparams(x, spec, clip)
+    return dequantize(quantize(x, scale, zero, spec), scale, zero, spec).to(x.dtype)
+
+
+def fake_quant_ste(x: torch.Tensor, spec: QSpec, clip=None) -> torch.Tensor:
+    """Fake quantization whose gradient passes straight through the rounding.
+
+    Gradients reach ``x`` (identity through round) and ``clip`` (through the scale), as in
+    learnable weight clipping (OmniQuant / BiSup).
+    """
+    xg, pad = _grouped(x.float(), spec)
+    if spec.granularity == "tensor":
+        xg = xg.reshape(1, 1, -1)
+    ratio = spec.clip_ratio if clip is None else clip
+    if isinstance(ratio, torch.Tensor):
+        ratio = ratio.reshape(*ratio.shape, 1) if ratio.dim() == xg.dim() - 1 else ratio
+    xmin = xg.amin(dim=-1, keepdim=True).clamp(max=0) * ratio
+    xmax = xg.amax(dim=-1, keepdim=True).clamp(min=0) * ratio
+    if spec.symmetric:
+        scale = (torch.maximum(xmax, -xmin) / spec.qmax).clamp(min=1e-8)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = ((xmax - xmin) / (2**spec.bits - 1)).clamp(min=1e-8)
+        zero = _round_ste(-xmin / scale) + spec.qmin
+    q = torch.clamp(_round_ste(xg / scale) + zero, spec.qmin, spec.qmax)
+    out = ((q - zero) * scale).reshape(*x.shape[:-1], -1)
+    if pad:
+        out = out[..., : x.shape[-1]]
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+def mse_clip_search(
+    w: torch.Tensor,
+    spec: QSpec,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+) -> torch.Tensor:
+    """Per-(row, group) clip ratio minimizing ``|w - fq(w)|^norm`` (GPTQ/QuaRot's MSE search).
+
+    Tries ratios ``1, 1 - 1/grid, ...`` down to ``1 - max_shrink`` and keeps, for each row and
+    group, the best one. Returns a tensor of shape ``[rows, groups]``.
+    """
+    base_scale, _ = compute_qparams(w, spec)
+    best_err = torch.full_like(base_scale, float("inf"))
+    best = torch.ones_like(base_scale)
+    wg, _ = _grouped(w.float(), spec)
+    for i in range(int(max_shrink * grid) + 1):
+        ratio = 1.0 - i / grid
+        scale, zero = compute_qparams(w, spec, clip=ratio * spec.clip_ratio)
+        dq = dequantize(quantize(w, scale, zero, spec), scale, zero, spec)
+        dg, _ = _grouped(dq, spec)
+        err = (dg - wg).abs().pow(norm).sum(dim=-1).reshape(best_err.shape)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio * spec.clip_ratio), best)
+    return best
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better)."""
+    ref = ref.double()
+    noise = (ref - approx.double()).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp(min=1e-30)))

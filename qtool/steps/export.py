@@ -1,0 +1,33 @@
+"""``export``: write the quantized model as a safetensors checkpoint folder."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import Field
+
+from qtool.recipe import StepConfig
+from qtool.steps import register
+
+logger = logging.getLogger("qtool")
+
+
+@register("export")
+class Export(StepConfig):
+    """Write the checkpoint (``--output`` or the recipe's ``output``). Always the last step."""
+
+    format: Literal["compressed-tensors", "gptq"] = Field(
+        "compressed-tensors", description="compressed-tensors pack-quantized (default) or GPTQ (W4A16 only)"
+    )
+
+    def apply(self, ctx) -> None:
+        from qtool.export.writer import round_unquantized_, write_checkpoint
+
+        out = ctx.results.get("_output")
+        if out is None:
+            raise ValueError("`export` needs an output folder: pass --output or set `output:` in the recipe")
+        size = write_checkpoint(ctx, out, self.format, overwrite=ctx.results.get("_overwrite", False))
+        round_unquantized_(ctx.model, ctx.scale_dtype)
+        ctx.record("export", {"path": str(out), "format": self.format, **size})
+        logger.info("export: wrote %s (%.1f MB)", out, size["bytes"] / 1e6)
