@@ -6,7 +6,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -42,7 +41,7 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _write_json(path: Optional[Path], data: dict) -> None:
+def _write_json(path: Path | None, data: dict) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,10 +63,10 @@ def _error_table(errors: dict[str, float], title: str) -> Table:
 @app.command()
 def quantize(
     recipe: Path = typer.Argument(..., help="recipe YAML"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="checkpoint folder (default: the recipe's output)"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="checkpoint folder (default: the recipe's output)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
-    device: Optional[str] = typer.Option(None, "--device", help="override the recipe's device (cpu, cuda, ...)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write step results (errors, times, sizes) as JSON"),
+    device: str | None = typer.Option(None, "--device", help="override the recipe's device (cpu, cuda, ...)"),
+    json_out: Path | None = typer.Option(None, "--json", help="write step results (errors, times, sizes) as JSON"),
 ) -> None:
     """Run a recipe and export the quantized checkpoint."""
     from qtool import api
@@ -104,12 +103,12 @@ def eval_cmd(
     target: str = typer.Argument(..., help="checkpoint folder, HF folder, hub id, smollm2-135m, or a recipe .yaml (in memory)"),
     ppl: str = typer.Option("wikitext2", "--ppl", help="perplexity dataset: wikitext2, c4 or a local file"),
     seq_len: int = typer.Option(2048, "--seq-len", help="window length in tokens"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N windows only"),
+    limit: int | None = typer.Option(None, "--limit", help="evaluate the first N windows only"),
     batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
     prefix: str = typer.Option("none", "--prefix", help="unscored prefix before every window: none, bos or a text"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the result as JSON"),
 ) -> None:
     """Perplexity by the papers' protocol (non-overlapping windows, exp of the mean window loss)."""
     from qtool import api

@@ -23,8 +23,8 @@ def runtime_handler(name: str):
 
 
 def apply_runtime(model, runtime: dict[str, Any]) -> None:
-    from qtool.steps import _load_builtin_steps
     from qtool.errors import QtoolError
+    from qtool.steps import _load_builtin_steps
 
     _load_builtin_steps()
     for name, entry in runtime.items():

@@ -1,0 +1,93 @@
+"""Sequential layer-by-layer calibration (the GPTQ driver every later step reuses).
+
+The calibration windows are embedded once; then, decoder layer by decoder layer, a step sees
+the layer's inputs *as produced by the already quantized layers before it*, does its work on
+that one layer (on the compute device), and the runner pushes the inputs through the finished
+layer to get the next layer's inputs. Optionally a second, full-precision stream runs beside
+it (for methods that match full-precision outputs: BiSup, IntactKV, WKVQuant).
+
+Memory: one decoder layer on the compute device at a time; the activations of all windows are
+kept on the CPU when ``offload`` is set, else on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from qtool.log import track
+from qtool.models.adapters import get_adapter
+
+logger = logging.getLogger("qtool")
+
+
+class LayerwiseRunner:
+    def __init__(self, ctx, batch_size: int = 8, offload: bool = True, fp_stream: bool = False) -> None:
+        self.ctx = ctx
+        self.model = ctx.model
+        self.adapter = get_adapter(self.model.config)
+        self.device = ctx.device
+        self.batch_size = batch_size
+        self.offload = offload
+        ids = ctx.calibration()
+        self.store = torch.device("cpu") if offload else self.device
+        emb = self.adapter.embed(self.model)
+        with torch.no_grad():
+            self.inputs = [
+                emb(ids[i : i + batch_size].to(self.device)).to(self.store) for i in range(0, ids.shape[0], batch_size)
+            ]
+        self.fp_inputs = [x.clone() for x in self.inputs] if fp_stream else None
+        seq = ids.shape[1]
+        pos = torch.arange(seq, device=self.device)[None]
+        rotary = self.adapter.rotary(self.model).to(self.device)
+        dtype = next(self.model.parameters()).dtype
+        with torch.no_grad():
+            self.position_embeddings = rotary(torch.zeros(1, seq, 1, device=self.device, dtype=dtype), pos)
+
+    def layers(self) -> nn.ModuleList:
+        return self.adapter.layers(self.model)
+
+    def run_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer(x.to(self.device), position_embeddings=self.position_embeddings)
+
+    def batches(self, fp: bool = False) -> Iterator[torch.Tensor]:
+        for x in self.fp_inputs if fp else self.inputs:
+            yield x.to(self.device)
+
+    @torch.no_grad()
+    def forward_all(self, layer: nn.Module, fp: bool = False) -> None:
+        """Run every batch through ``layer`` (quantized stream, or the fp stream)."""
+        for x in self.batches(fp):
+            self.run_layer(layer, x)
+
+    @torch.no_grad()
+    def advance(self, layer: nn.Module, fp_layer: nn.Module | None = None) -> None:
+        """Replace the stored inputs by ``layer``'s outputs (and the fp stream's by ``fp_layer``'s)."""
+        self.inputs = [self.run_layer(layer, x).to(self.store) for x in self.inputs]
+        if self.fp_inputs is not None and fp_layer is not None:
+            self.fp_inputs = [self.run_layer(fp_layer, x).to(self.store) for x in self.fp_inputs]
+
+    def run(self, fn: Callable[[int, nn.Module], None], description: str, fp_layers: nn.ModuleList | None = None) -> None:
+        """For each layer: move it to the device, ``fn(index, layer)``, advance the streams."""
+        layers = self.layers()
+        for i in track(range(len(layers)), description):
+            layer = layers[i].to(self.device)
+            fn(i, layer)
+            self.advance(layer, None if fp_layers is None else fp_layers[i].to(self.device))
+
+
+@contextmanager
+def capture_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
+    """Call ``fn(name, input)`` with the input of each module on every forward."""
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: fn(name, args[0])) for name, m in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
