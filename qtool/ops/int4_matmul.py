@@ -10,7 +10,9 @@ from qtool.ops.registry import define_op
 from qtool.quant.packing import NIBBLES, pack_int4, pack_int4_dim0, unpack_int4, unpack_int4_dim0
 from qtool.quant.quantizer import QSpec, compute_qparams, dequantize, quantize
 
-SCHEMA = "int4_matmul(Tensor x, Tensor w_packed, Tensor scales, Tensor? zeros=None, int group_size=-1) -> Tensor"
+SCHEMA = (
+    "int4_matmul(Tensor x, Tensor w_packed, Tensor scales, Tensor? zeros=None, int group_size=-1) -> Tensor"
+)
 
 
 def weight_spec(group_size: int, symmetric: bool) -> QSpec:
@@ -44,7 +46,9 @@ def check_int4_weight(
             f"scales must be [{n_out}, {groups}] for input width {in_features} and group_size "
             f"{group_size}, got {tuple(scales.shape)}"
         )
-    if zeros is not None and (zeros.dtype != torch.int32 or tuple(zeros.shape) != (math.ceil(n_out / 8), groups)):
+    if zeros is not None and (
+        zeros.dtype != torch.int32 or tuple(zeros.shape) != (math.ceil(n_out / 8), groups)
+    ):
         raise ValueError(
             f"zeros must be int32 [{math.ceil(n_out / 8)}, {groups}] (int4 codes packed along the "
             f"output dim), got {zeros.dtype} {tuple(zeros.shape)}"

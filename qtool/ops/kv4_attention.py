@@ -83,11 +83,21 @@ def kv4_dequantize(packed: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 def _check_cache(name: str, cache: torch.Tensor, meta: torch.Tensor, b: int, h: int, d: int) -> None:
-    if cache.dtype != torch.int32 or cache.dim() != 4 or tuple(cache.shape[:2]) != (b, h) or cache.shape[3] * NIBBLES != d:
+    if (
+        cache.dtype != torch.int32
+        or cache.dim() != 4
+        or tuple(cache.shape[:2]) != (b, h)
+        or cache.shape[3] * NIBBLES != d
+    ):
         raise ValueError(
             f"{name}_cache must be int32 [{b}, {h}, T_max, {d // NIBBLES}], got {cache.dtype} {tuple(cache.shape)}"
         )
-    if meta.dtype != torch.float16 or meta.dim() != 5 or tuple(meta.shape[:3]) != tuple(cache.shape[:3]) or meta.shape[4] != 2:
+    if (
+        meta.dtype != torch.float16
+        or meta.dim() != 5
+        or tuple(meta.shape[:3]) != tuple(cache.shape[:3])
+        or meta.shape[4] != 2
+    ):
         raise ValueError(
             f"{name}_meta must be float16 [{b}, {h}, {cache.shape[2]}, G, 2], got {meta.dtype} {tuple(meta.shape)}"
         )
@@ -125,7 +135,9 @@ def kv4_append_ref(
     for x, cache, meta in ((k, k_cache, k_meta), (v, v_cache, v_meta)):
         packed, scales = kv4_quantize(x, group_size, clip_ratio)
         if scales.shape[-2] != meta.shape[3]:
-            raise ValueError(f"meta has {meta.shape[3]} groups, group_size {group_size} gives {scales.shape[-2]}")
+            raise ValueError(
+                f"meta has {meta.shape[3]} groups, group_size {group_size} gives {scales.shape[-2]}"
+            )
         for b, n in enumerate(lens):
             cache[b, :, n : n + t_new] = packed[b]
             meta[b, :, n : n + t_new] = scales[b]
@@ -174,14 +186,18 @@ def kv4_attention_decode_ref(
     _check_cache("k", k_cache, k_meta, bsz, hkv, d)
     _check_cache("v", v_cache, v_meta, bsz, hkv, d)
     if group_size > 0 and k_meta.shape[3] != d // group_size:
-        raise ValueError(f"k_meta has {k_meta.shape[3]} groups, group_size {group_size} gives {d // group_size}")
+        raise ValueError(
+            f"k_meta has {k_meta.shape[3]} groups, group_size {group_size} gives {d // group_size}"
+        )
     if (k_pivot is None) != (v_pivot is None):
         raise ValueError("give both k_pivot and v_pivot, or neither")
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
     rep = hq // hkv
     lens = [int(n) for n in lengths.tolist()]
     if any(n + tq > k_cache.shape[2] for n in lens):
-        raise ValueError(f"lengths {lens} plus {tq} new tokens exceed the cache's {k_cache.shape[2]} positions")
+        raise ValueError(
+            f"lengths {lens} plus {tq} new tokens exceed the cache's {k_cache.shape[2]} positions"
+        )
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for b, n in enumerate(lens):
         keys = kv4_dequantize(k_cache[b, :, : n + tq], k_meta[b, :, : n + tq])  # [H_kv, n+Tq, D]
@@ -210,7 +226,20 @@ def kv4_attention_decode_ref(
     return out.to(q.dtype)
 
 
-def _decode_fake(q, k_new, v_new, k_cache, k_meta, v_cache, v_meta, lengths, k_pivot=None, v_pivot=None, group_size=-1, softmax_scale=None):
+def _decode_fake(
+    q,
+    k_new,
+    v_new,
+    k_cache,
+    k_meta,
+    v_cache,
+    v_meta,
+    lengths,
+    k_pivot=None,
+    v_pivot=None,
+    group_size=-1,
+    softmax_scale=None,
+):
     return torch.empty_like(q)
 
 

@@ -85,8 +85,15 @@ class QuantizedKVCache:
                 f"max_len {self.max_len}); allocate a larger max_len"
             )
         torch.ops.qtool.kv4_append(
-            k, v, self.k_cache, self.k_meta, self.v_cache, self.v_meta, self.lengths,
-            self.group_size, self.clip_ratio,
+            k,
+            v,
+            self.k_cache,
+            self.k_meta,
+            self.v_cache,
+            self.v_meta,
+            self.lengths,
+            self.group_size,
+            self.clip_ratio,
         )
         self._host_lengths = [n + c for n, c in zip(self._host_lengths, counts, strict=True)]
         self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int32))
@@ -109,10 +116,22 @@ class QuantizedKVCache:
                 f"attend() covers the last {tq} appended tokens, but some sequences hold fewer "
                 f"({self._host_lengths}); append the new tokens first"
             )
-        past = torch.tensor([n - tq for n in self._host_lengths], dtype=torch.int32, device=self.lengths.device)
+        past = torch.tensor(
+            [n - tq for n in self._host_lengths], dtype=torch.int32, device=self.lengths.device
+        )
         return torch.ops.qtool.kv4_attention_decode(
-            q, k_cur, v_cur, self.k_cache, self.k_meta, self.v_cache, self.v_meta, past,
-            self.k_pivot, self.v_pivot, self.group_size, softmax_scale,
+            q,
+            k_cur,
+            v_cur,
+            self.k_cache,
+            self.k_meta,
+            self.v_cache,
+            self.v_meta,
+            past,
+            self.k_pivot,
+            self.v_pivot,
+            self.group_size,
+            softmax_scale,
         )
 
     def step(
