@@ -75,7 +75,18 @@ def quantize(recipe: str | Path | Recipe, output=None, overwrite: bool = False):
     return run_recipe(recipe, output, overwrite, export=True)
 
 
-def load(target: str, dtype: str = "float32", device: str = "auto"):
+def use_kernels(kernels: str, model) -> bool:
+    """``auto``: packed kernels when the model is on CUDA and the extension is built; ``on``/``off``."""
+    if kernels not in ("auto", "on", "off"):
+        raise QtoolError(f"--kernels must be auto, on or off, got {kernels!r}")
+    if kernels != "auto":
+        return kernels == "on"
+    from qtool.ops.registry import backend
+
+    return next(model.parameters()).device.type == "cuda" and backend() == "cuda"
+
+
+def load(target: str, dtype: str = "float32", device: str = "auto", kernels: str = "auto"):
     """Load a model for evaluation. ``target``: an embedded name, hub id or HF folder (unquantized),
     a qtool checkpoint folder, or a recipe ``.yaml`` (quantized in memory, not exported).
 
@@ -90,7 +101,12 @@ def load(target: str, dtype: str = "float32", device: str = "auto"):
         from qtool.export.loader import load_checkpoint
 
         model, tok, meta = load_checkpoint(target, dtype, device)
-        return model, tok, {"kind": "checkpoint", "scheme": meta["scheme"], "format": meta["format"]}
+        info = {"kind": "checkpoint", "scheme": meta["scheme"], "format": meta["format"]}
+        if use_kernels(kernels, model):
+            from qtool.models.packed import pack_model
+
+            info["kernels"] = pack_model(model)
+        return model, tok, info
     model, tok = load_hf_model(target, dtype, device)
     return model, tok, {"kind": "unquantized", "dtype": dtype}
 
@@ -104,11 +120,12 @@ def evaluate_ppl(
     prefix: str = "none",
     dtype: str = "float32",
     device: str = "auto",
+    kernels: str = "auto",
 ) -> dict[str, Any]:
     from qtool.eval.perplexity import perplexity
 
     t0 = time.perf_counter()
-    model, tok, info = load(target, dtype, device)
+    model, tok, info = load(target, dtype, device, kernels)
     load_seconds = time.perf_counter() - t0
     res = perplexity(model, tok, dataset, seq_len, limit, batch_size, prefix)
     return {
@@ -134,3 +151,25 @@ def evaluate_ppl(
         "eval_seconds": res.seconds,
         "load_seconds": load_seconds,
     }
+
+
+def generate_text(
+    target: str,
+    prompt: str,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    mixed_precision: bool = True,
+    dtype: str = "float32",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Load ``target`` (as :func:`load`) and decode a reply with its pivot and quantized KV cache."""
+    from qtool.generate import generate
+
+    model, tok, info = load(target, dtype, device)
+    res = generate(model, tok, prompt, system, max_new_tokens, temperature, top_p, seed, mixed_precision)
+    return {"model": str(target), "loaded": info, "prompt": prompt, "system": system, **res.to_dict(),
+            "pivot": getattr(getattr(model, "qtool_pivot", None), "token_ids", None),
+            "device": str(next(model.parameters()).device), "versions": versions()}

@@ -52,11 +52,17 @@ def _write_json(path: Path | None, data: dict) -> None:
 
 
 def _error_table(errors: dict[str, float], title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("layer")
-    table.add_column("error", justify="right")
+    """Per-linear-type summary (mean, max over layers) and the worst layer of each type."""
+    by_type: dict[str, list[tuple[float, str]]] = {}
     for name, err in errors.items():
-        table.add_row(name, f"{err:.4g}")
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).append((err, name))
+    table = Table(title=title)
+    for col in ("linear", "layers", "mean error", "max error", "worst layer"):
+        table.add_column(col, justify="right" if "error" in col or col == "layers" else "left")
+    for kind, items in by_type.items():
+        worst = max(items)
+        mean = sum(e for e, _ in items) / len(items)
+        table.add_row(kind, str(len(items)), f"{mean:.4g}", f"{worst[0]:.4g}", worst[1])
     return table
 
 
@@ -81,7 +87,7 @@ def quantize(
         _fail(exc)
     res = {k: v for k, v in ctx.results.items() if not k.startswith("_")}
     for step, data in res.items():
-        if isinstance(data, dict) and data.get("layer_errors") and len(data["layer_errors"]) <= 400:
+        if isinstance(data, dict) and data.get("layer_errors"):
             console.print(_error_table(data["layer_errors"], f"{step}: per-layer quantization error"))
     summary = Table(title=f"qtool quantize {recipe}")
     summary.add_column("step")
@@ -108,6 +114,7 @@ def eval_cmd(
     prefix: str = typer.Option("none", "--prefix", help="unscored prefix before every window: none, bos or a text"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    kernels: str = typer.Option("auto", "--kernels", help="packed int4 ops for checkpoints: auto (CUDA + extension), on, off"),
     json_out: Path | None = typer.Option(None, "--json", help="write the result as JSON"),
 ) -> None:
     """Perplexity by the papers' protocol (non-overlapping windows, exp of the mean window loss)."""
@@ -116,7 +123,7 @@ def eval_cmd(
     if dtype not in ("float32", "bfloat16", "float16"):
         _fail(QtoolError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}"))
     try:
-        res = api.evaluate_ppl(target, ppl, seq_len, limit, batch_size, prefix, dtype, device)
+        res = api.evaluate_ppl(target, ppl, seq_len, limit, batch_size, prefix, dtype, device, kernels)
     except QtoolError as exc:
         _fail(exc)
     p = res["protocol"]
@@ -128,7 +135,42 @@ def eval_cmd(
         res["device"], f"{res['eval_seconds']:.1f}",
     )
     console.print(table)
+    if "kernels" in res["loaded"]:
+        k = res["loaded"]["kernels"]
+        console.print(f"packed linears: {k['packed']} via {k['backend']} ops ({k['reason']})")
     typer.echo(f"ppl={res['ppl']:.6f}")
+    _write_json(json_out, res)
+
+
+@app.command("generate")
+def generate_cmd(
+    target: str = typer.Argument(..., help="checkpoint folder, HF folder, hub id, smollm2-135m, or a recipe .yaml"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="the user message"),
+    system: str | None = typer.Option(None, "--system", help="system prompt (chat template; its KV stays 16-bit)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy, else sampling temperature"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed"),
+    mixed_precision: bool = typer.Option(True, "--prompt-mixed-precision/--no-prompt-mixed-precision",
+                                         help="keep the system prompt's KV in 16 bits"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the result as JSON"),
+) -> None:
+    """Decode a reply with the quantized KV cache and the 16-bit pivot / system-prompt cache."""
+    from qtool import api
+
+    try:
+        res = api.generate_text(target, prompt, system, max_new_tokens, temperature, top_p, seed, mixed_precision,
+                                dtype, device)
+    except QtoolError as exc:
+        _fail(exc)
+    console.print(res["text"], markup=False, highlight=False)
+    console.print(
+        f"[dim]{len(res['new_token_ids'])} tokens, {res['tokens_per_second']:.1f} tokens/s "
+        f"(decode {res['decode_tokens_per_second']:.1f} tokens/s), 16-bit prefix {res['prefix_tokens']} tokens, "
+        f"device {res['device']}[/]"
+    )
     _write_json(json_out, res)
 
 
@@ -164,3 +206,47 @@ def recipe_show(recipe: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Kernel benchmarks (need a CUDA device and `make kernels`).")
+app.add_typer(bench_app, name="bench")
+
+
+def _bench(kind: str, json_out: Path | None, iters: int) -> None:
+    from qtool.ops import bench
+
+    fns = {"matmul": bench.bench_int4_matmul, "w4a4": bench.bench_w4a4, "attention": bench.bench_decode_attention}
+    try:
+        rows = fns[kind](iters=iters)
+    except (RuntimeError, QtoolError) as exc:
+        _fail(exc)
+    table = Table(title=f"qtool bench {kind} ({bench.device_info().get('name', '?')})")
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in cols))
+    console.print(table)
+    _write_json(json_out, {"bench": kind, "device": bench.device_info(), "rows": rows})
+
+
+@bench_app.command("matmul")
+def bench_matmul(
+    json_out: Path | None = typer.Option(None, "--json"), iters: int = typer.Option(50, "--iters")
+) -> None:
+    """W4A16 int4_matmul vs FP16 cuBLAS on Llama-2-7B / Llama-3-8B decoder shapes."""
+    _bench("matmul", json_out, iters)
+
+
+@bench_app.command("w4a4")
+def bench_w4a4(json_out: Path | None = typer.Option(None, "--json"), iters: int = typer.Option(50, "--iters")) -> None:
+    """W4A4 (activation quantization + INT8-MMA int4 GEMM) vs FP16 cuBLAS."""
+    _bench("w4a4", json_out, iters)
+
+
+@bench_app.command("attention")
+def bench_attention(
+    json_out: Path | None = typer.Option(None, "--json"), iters: int = typer.Option(20, "--iters")
+) -> None:
+    """INT4-KV decode attention vs PyTorch SDPA over a 16-bit cache."""
+    _bench("attention", json_out, iters)
