@@ -64,6 +64,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
         step.apply(ctx)
         ctx.record(step_name(step), {"seconds": round(time.perf_counter() - t0, 3)})
     ctx.results["quantize_seconds"] = time.perf_counter() - start
+    ctx.model.to(device)  # layer-wise steps may have left layers offloaded to the CPU
     if device.type == "cuda":
         ctx.results["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return ctx

@@ -77,7 +77,12 @@ class LayerwiseRunner:
         for i in track(range(len(layers)), description):
             layer = layers[i].to(self.device)
             fn(i, layer)
-            self.advance(layer, None if fp_layers is None else fp_layers[i].to(self.device))
+            fp_layer = None if fp_layers is None else fp_layers[i].to(self.device)
+            self.advance(layer, fp_layer)
+            if self.offload and self.device.type != "cpu":  # one decoder layer on the device at a time
+                layers[i].to("cpu")
+                if fp_layer is not None:
+                    fp_layer.to("cpu")
 
 
 @contextmanager

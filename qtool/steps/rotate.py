@@ -58,22 +58,31 @@ def fold_norms(model) -> None:
     norm.weight.data.fill_(1.0)
 
 
+def _transform_weight(lin, fn, device, rows: bool = True) -> None:
+    """``W <- fn(W)`` (``rows``: ``fn`` acts on each row, i.e. ``W M``) or ``W <- fn(W^T)^T``,
+    computed in float64 on ``device`` one weight at a time."""
+    w = lin.weight.data.to(device, torch.float64)
+    w = fn(w) if rows else fn(w.t()).t()
+    lin.weight.data = w.to(lin.weight.device, lin.weight.dtype)
+
+
 def _right(lin, m: torch.Tensor) -> None:
-    lin.weight.data = (lin.weight.data.double() @ m).to(lin.weight.dtype)
+    """``W <- W M`` (a reader of a rotated input)."""
+    _transform_weight(lin, lambda w: w @ m, m.device)
 
 
 def _left_t(lin, m: torch.Tensor) -> None:
     """``W <- M^T W`` and ``b <- b M`` for a linear whose output is rotated by ``M``."""
-    lin.weight.data = (m.t() @ lin.weight.data.double()).to(lin.weight.dtype)
+    _transform_weight(lin, lambda w: w @ m, m.device, rows=False)
     if lin.bias is not None:
-        lin.bias.data = (lin.bias.data.double() @ m).to(lin.bias.dtype)
+        lin.bias.data = (lin.bias.data.to(m.device, torch.float64) @ m).to(lin.bias.device, lin.bias.dtype)
 
 
 @torch.no_grad()
 def rotate_residual(model, q: torch.Tensor) -> None:
     adapter = get_adapter(model.config)
     emb = adapter.embed(model)
-    emb.weight.data = (emb.weight.data.double() @ q).to(emb.weight.dtype)
+    emb.weight.data = (emb.weight.data.to(q.device, torch.float64) @ q).to(emb.weight.device, emb.weight.dtype)
     for layer in adapter.layers(model):
         for name in adapter.residual_readers():
             _right(adapter.linear(layer, name), q)
@@ -82,8 +91,23 @@ def rotate_residual(model, q: torch.Tensor) -> None:
     _right(adapter.lm_head(model), q)
 
 
-def install_online(model, entry: dict, fuse: bool) -> None:
-    """Create the online rotations described by ``entry``; fuse their inverses when ``fuse``."""
+def _per_head(rot: OnlineRotation, heads: int):
+    """``x -> x blockdiag(M, ..., M)``: the rotation applied inside each of ``heads`` blocks."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return rot(x.reshape(*shape[:-1], heads, shape[-1] // heads)).reshape(shape)
+
+    return fn
+
+
+@torch.no_grad()
+def install_online(model, entry: dict, fuse: bool, device: torch.device | str = "cpu") -> None:
+    """Create the online rotations described by ``entry``; fuse their inverses when ``fuse``.
+
+    Fusion right-multiplies weights by the rotation by applying the (fast) transform to their
+    rows, in float64 on ``device``: no dense ``n x n`` matrix is formed for Hadamard kinds.
+    """
     adapter = get_adapter(model.config)
     _, inter, hq, hkv, d = _dims(model.config)
     kind, seed = entry["online_kind"], entry["seed"]
@@ -91,19 +115,26 @@ def install_online(model, entry: dict, fuse: bool) -> None:
         if entry.get("down_proj"):
             down = adapter.linear(layer, "down_proj")
             rot = OnlineRotation(inter, kind, seed=seed + 1000 + i)
-            down.input_transform = rot
+            down.input_transform = rot.to(down.weight.device)
             if fuse:
-                _right(down, rot.dense())
+                _transform_weight(down, rot.to(device), device)
+                rot.to(down.weight.device)
         if entry.get("attention_vo"):
-            per_head = OnlineRotation(d, kind, seed=seed + 2000 + i).dense()
-            mix = OnlineRotation(hq * d, kind, heads=hq, seed=seed + 3000 + i)
             o = adapter.linear(layer, "o_proj")
-            o.input_transform = mix
+            mix = OnlineRotation(hq * d, kind, heads=hq, seed=seed + 3000 + i)
+            o.input_transform = mix.to(o.weight.device)
             if fuse:
-                _left_t(adapter.linear(layer, "v_proj"), torch.block_diag(*[per_head] * hkv))
-                _right(o, torch.block_diag(*[per_head] * hq) @ mix.dense())
+                per_head = OnlineRotation(d, kind, seed=seed + 2000 + i).to(device)
+                v = adapter.linear(layer, "v_proj")
+                _transform_weight(v, _per_head(per_head, hkv), device, rows=False)
+                if v.bias is not None:
+                    v.bias.data = _per_head(per_head, hkv)(v.bias.data.to(device, torch.float64)).to(v.bias.device, v.bias.dtype)
+                mix.to(device)
+                _transform_weight(o, lambda w: mix(_per_head(per_head, hq)(w)), device)
+                mix.to(o.weight.device)
         if entry.get("qk"):
-            adapter.attention(layer).qtool.qk_rotate = OnlineRotation(d, kind, seed=seed + 4000 + i)
+            attn = adapter.attention(layer)
+            attn.qtool.qk_rotate = OnlineRotation(d, kind, seed=seed + 4000 + i).to(attn.q_proj.weight.device)
 
 
 @runtime_handler("rotation")
@@ -131,7 +162,7 @@ class Rotate(StepConfig):
         hidden = model.config.hidden_size
         fold_norms(model)
         if self.residual:
-            q = orthogonal_matrix(hidden, self.kind, self.seed).double()
+            q = orthogonal_matrix(hidden, self.kind, self.seed).double().to(ctx.device)
             rotate_residual(model, q)
         qk = ctx.scheme.kv_cache is not None if self.qk == "auto" else bool(self.qk)
         entry = {
@@ -141,7 +172,7 @@ class Rotate(StepConfig):
             "attention_vo": self.attention_vo,
             "qk": qk,
         }
-        install_online(model, entry, fuse=True)
+        install_online(model, entry, fuse=True, device=ctx.device)
         ctx.runtime["rotation"] = entry
         adapter = get_adapter(model.config)
         mix = adapter.linear(adapter.layers(model)[0], "o_proj").input_transform
