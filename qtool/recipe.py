@@ -193,27 +193,40 @@ class _LineLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
     mapping = yaml.SafeLoader.construct_mapping(loader, node, deep=True)
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-    loader.key_lines.setdefault(id(mapping), lines)
-    loader.all_lines.append(lines)
+    loader.key_lines[id(mapping)] = lines
     return mapping
 
 
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> list:
+    seq = yaml.SafeLoader.construct_sequence(loader, node, deep=True)
+    loader.item_lines[id(seq)] = [item.start_mark.line + 1 for item in node.value]
+    return seq
+
+
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
-def _line_of(loc: tuple, all_lines: list[dict]) -> int | None:
-    for part in reversed(loc):
-        if isinstance(part, str):
-            for lines in all_lines:
-                if part in lines:
-                    return lines[part]
-    return None
+def _line_of(data: Any, path: tuple, loader: _LineLoader) -> int | None:
+    """The line of the deepest element of ``path`` (keys and list indices) found in ``data``."""
+    obj, line = data, None
+    for part in path:
+        if isinstance(obj, dict) and part in obj:
+            line = loader.key_lines.get(id(obj), {}).get(part, line)
+            obj = obj[part]
+        elif isinstance(obj, list) and isinstance(part, int) and 0 <= part < len(obj):
+            items = loader.item_lines.get(id(obj))
+            line = items[part] if items else line
+            obj = obj[part]
+        else:
+            break
+    return line
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Parse and validate recipe text; errors name the key, its line and what is allowed."""
     loader = _LineLoader(text)
-    loader.key_lines, loader.all_lines = {}, []
+    loader.key_lines, loader.item_lines = {}, {}
     try:
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
@@ -232,8 +245,10 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             loc = tuple(err["loc"])
             where = ".".join(str(p) for p in loc) or "(top level)"
             cause = (err.get("ctx") or {}).get("error")
-            key = getattr(cause, "key", None)
-            line = _line_of((*loc, key) if key else loc, loader.all_lines)
+            path = loc
+            if getattr(cause, "index", None) is not None:  # a step's own error: steps[i].name.key
+                path = ("steps", cause.index, cause.step, cause.key)
+            line = _line_of(data, tuple(p for p in path if p is not None), loader)
             at = f" (line {line})" if line else ""
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":

@@ -97,17 +97,16 @@ def tiny_llama_dir(tiny_model_dir) -> Path:
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No hub access: offline env flags (also patched where already read) and an empty data mirror."""
-    import sys
+    import datasets.config
+    import huggingface_hub.constants
 
     empty = tmp_path / "empty-mirror"
     empty.mkdir()
     monkeypatch.setenv("QTOOL_DATA_DIR", str(empty))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    if "huggingface_hub.constants" in sys.modules:
-        monkeypatch.setattr(sys.modules["huggingface_hub.constants"], "HF_HUB_OFFLINE", True)
-    if "datasets.config" in sys.modules:
-        monkeypatch.setattr(sys.modules["datasets.config"], "HF_HUB_OFFLINE", True)
-        monkeypatch.setattr(sys.modules["datasets.config"], "HF_DATASETS_OFFLINE", True)
+    # both modules read the environment once, at import: patch what they read (undone after the test)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     return empty

@@ -105,8 +105,12 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "aut
     model.load_state_dict(tensors, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    # on the target device first, so runtime loaders place their state beside the weights
+    model = model.to(resolve_device(device))
+    import qtool.export.lora  # noqa: F401  (registers the LoRA adapter loader)
+
     for name, fn in RUNTIME_LOADERS.items():
         if name in meta.get("sidecars", []) or name in meta.get("runtime", {}):
             fn(model, meta, path)
     tok = AutoTokenizer.from_pretrained(path)
-    return model.to(resolve_device(device)), tok, meta
+    return model, tok, meta

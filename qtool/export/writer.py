@@ -81,6 +81,7 @@ def quantization_config(scheme, fmt: str) -> dict[str, Any]:
         "output_activations": None,
     }
     packed = w is not None and w.bits == 4
+    group["format"] = "pack-quantized" if packed else ("int-quantized" if w else "dense")
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized" if packed else ("int-quantized" if w else "dense"),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtool.quant.quantizer import QSpec, fake_quant
+from qtool.quant.quantizer import QSpec, fake_quant, fake_quant_ste
 
 
 @dataclass
@@ -36,16 +36,19 @@ class AttnQuantState:
     v_shift: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     enabled: bool = True
+    # straight-through rounding (gradients reach K/V and the smoothing), for learned methods
+    ste: bool = False
     extra: dict = field(default_factory=dict)
 
     def _fq(self, x: torch.Tensor, spec: QSpec | None, shift, scale) -> torch.Tensor:
         if spec is None or not self.enabled:
             return x
+        fq = fake_quant_ste if self.ste else fake_quant
         if shift is not None or scale is not None:
-            sh = 0.0 if shift is None else shift[None, :, None, :].to(x.dtype)
-            sc = 1.0 if scale is None else scale[None, :, None, :].to(x.dtype)
-            return fake_quant((x - sh) / sc, spec) * sc + sh
-        return fake_quant(x, spec)
+            sh = 0.0 if shift is None else shift[None, :, None, :].to(x.device, x.dtype)
+            sc = 1.0 if scale is None else scale[None, :, None, :].to(x.device, x.dtype)
+            return fq((x - sh) / sc, spec) * sc + sh
+        return fq(x, spec)
 
     def quantize_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fake-quantize K and V ``[B, H_kv, T, D]`` per token and head (or group of D)."""

@@ -8,6 +8,8 @@ only new tokens' K/V are (see ``qtool.models.attention``).
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,7 @@ class PivotCache:
         """A fresh DynamicCache holding the prefix, expanded to ``batch`` sequences."""
         data = [
             (k.to(device, dtype).expand(batch, -1, -1, -1).contiguous(), v.to(device, dtype).expand(batch, -1, -1, -1).contiguous())
-            for k, v in zip(self.keys, self.values)
+            for k, v in zip(self.keys, self.values, strict=True)
         ]
         return DynamicCache(ddp_cache_data=data)
 
@@ -48,3 +50,82 @@ def forward_with_prefix(model, input_ids: torch.Tensor, prefix: list[int]) -> to
     pre = torch.tensor(prefix, dtype=input_ids.dtype, device=input_ids.device).expand(input_ids.shape[0], -1)
     logits = model(input_ids=torch.cat([pre, input_ids], dim=1), use_cache=False).logits
     return logits[:, len(prefix) :]
+
+
+# --- building and storing prefix caches (IntactKV-B/-P, prompt mixed precision) ------------------
+
+
+def _attn_states(model):
+    from qtool.models.adapters import get_adapter
+
+    adapter = get_adapter(model.config)
+    return [getattr(adapter.attention(layer), "qtool", None) for layer in adapter.layers(model)]
+
+
+@contextmanager
+def kv_quant_disabled(model):
+    """Run ``model`` with its KV-cache quantization off (weights and activations unchanged)."""
+    states = [s for s in _attn_states(model) if s is not None]
+    before = [s.enabled for s in states]
+    for s in states:
+        s.enabled = False
+    try:
+        yield model
+    finally:
+        for s, e in zip(states, before, strict=True):
+            s.enabled = e
+
+
+def cache_tensors(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer ``(keys, values)`` of a transformers cache."""
+    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+@torch.no_grad()
+def compute_prefix_cache(
+    model, token_ids: list[int], base: PivotCache | None = None, dtype: torch.dtype | None = None
+) -> PivotCache:
+    """The 16-bit K/V that ``model`` writes for ``token_ids`` (KV quantization off).
+
+    Pass the full-precision model for IntactKV (pivot = BOS or a system prompt), or the quantized
+    model for prompt mixed precision (BiSup: its own system-prompt KV, kept unquantized). When
+    ``base`` holds a prefix of ``token_ids`` (e.g. the BOS pivot in front of a system prompt), its
+    K/V are reused and only the remaining tokens are computed, attending to it. ``dtype`` rounds
+    the result (e.g. bfloat16, the dtype the cache is stored in); it is kept in float32.
+    """
+    token_ids = [int(t) for t in token_ids]
+    device = next(model.parameters()).device
+    mdtype = next(model.parameters()).dtype
+    if base is not None and len(base) <= len(token_ids) and base.token_ids == token_ids[: len(base)]:
+        cache, rest = base.as_cache(1, mdtype, device), token_ids[len(base) :]
+    else:
+        cache, rest = DynamicCache(), token_ids
+    if rest:
+        ids = torch.tensor([rest], dtype=torch.long, device=device)
+        with kv_quant_disabled(model):
+            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    keys, values = cache_tensors(cache)
+    rnd = (lambda x: x.detach().float().cpu()) if dtype is None else (lambda x: x.detach().to(dtype).float().cpu())
+    return PivotCache(token_ids, [rnd(k[:1]) for k in keys], [rnd(v[:1]) for v in values])
+
+
+def save_pivot(pivot: PivotCache, path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write a pivot cache as safetensors (``layers.{i}.key`` / ``.value``, token ids in metadata)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (k, v) in enumerate(zip(pivot.keys, pivot.values, strict=True)):
+        tensors[f"layers.{i}.key"] = k.detach().to(dtype).cpu().contiguous()
+        tensors[f"layers.{i}.value"] = v.detach().to(dtype).cpu().contiguous()
+    save_file(tensors, str(path), metadata={"token_ids": json.dumps(list(pivot.token_ids)), "format": "qtool-pivot"})
+
+
+def load_pivot(path) -> PivotCache:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+        n = len({k.split(".")[1] for k in fh.keys()})
+        keys = [fh.get_tensor(f"layers.{i}.key").float() for i in range(n)]
+        values = [fh.get_tensor(f"layers.{i}.value").float() for i in range(n)]
+    return PivotCache(json.loads(meta["token_ids"]), keys, values)

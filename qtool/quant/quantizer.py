@@ -67,7 +67,8 @@ class QSpec:
 
 
 def _divisor_hint(width: int) -> str:
-    good = [g for g in (32, 64, 96, 128, 192, 256) if width % g == 0]
+    """Up to four group sizes (multiples of 8, at most 256) that divide ``width``, largest first."""
+    good = [g for g in range(256, 7, -8) if width % g == 0][:4]
     return ", ".join(str(g) for g in good) if good else "a divisor of the width"
 
 

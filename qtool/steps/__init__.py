@@ -27,9 +27,9 @@ def register(name: str):
 class StepError(ValueError):
     """A step's options are invalid; ``key`` names the offending key (for the line number)."""
 
-    def __init__(self, message: str, key: str | None = None) -> None:
+    def __init__(self, message: str, index: int, step: str | None = None, key: str | None = None) -> None:
         super().__init__(message)
-        self.key = key
+        self.index, self.step, self.key = index, step, key
 
 
 def parse_step(raw: Any, index: int) -> StepConfig:
@@ -41,11 +41,11 @@ def parse_step(raw: Any, index: int) -> StepConfig:
         name, options = next(iter(raw.items()))
         options = options or {}
     else:
-        raise StepError(f"step {index + 1}: write a step as `name` or `name: {{options}}`, got {raw!r}")
+        raise StepError(f"step {index + 1}: write a step as `name` or `name: {{options}}`, got {raw!r}", index)
     if name not in STEPS:
-        raise StepError(f"step {index + 1}: unknown step {name!r}; known steps: {', '.join(sorted(STEPS))}", name)
+        raise StepError(f"step {index + 1}: unknown step {name!r}; known steps: {', '.join(sorted(STEPS))}", index)
     if not isinstance(options, dict):
-        raise StepError(f"step {index + 1} `{name}`: options must be a mapping, got {options!r}", name)
+        raise StepError(f"step {index + 1} `{name}`: options must be a mapping, got {options!r}", index, name)
     try:
         return STEPS[name].model_validate(options)
     except ValidationError as exc:
@@ -55,12 +55,17 @@ def parse_step(raw: Any, index: int) -> StepConfig:
             msg = f"unknown key {key!r}; allowed keys: {', '.join(STEPS[name].model_fields)}"
         else:
             msg = f"{key}: {err['msg']}"
-        raise StepError(f"step {index + 1} `{name}`: {msg}", str(err["loc"][0]) if err["loc"] else name) from None
+        raise StepError(f"step {index + 1} `{name}`: {msg}", index, name, str(err["loc"][0]) if err["loc"] else None) from None
+
+
+_BUILTINS_LOADED = False
 
 
 def _load_builtin_steps() -> None:
-    if STEPS:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
         return
+    _BUILTINS_LOADED = True
     import importlib
 
     for module in ("rtn", "export", "rotate", "gptq", "intactkv", "kv_smooth", "lowrank", "bisup"):

@@ -1,0 +1,288 @@
+"""``bisup``: BiSup's vertical error suppression (METHODS.md section 5).
+
+Quantization-aware, parameter-efficient fine-tuning, decoder block by decoder block, against the
+full-precision block outputs (the snapshot taken before quantizing, rotated when `rotate` ran):
+the quantized block reads the outputs of the already fine-tuned blocks before it, the target is
+the full-precision block applied to the full-precision stream. Trained per targeted linear, with
+weights and activations (and the KV cache) fake-quantized through a straight-through estimator:
+
+* per-group (or per-channel) weight clip ratios ``sigmoid(c)``;
+* smoothing factors ``s`` per input channel (``W s`` and ``x / s``), soft-constrained by
+  ``reg * |s - 1|^2``, only where ``1/s`` folds into the op before: the input RMSNorm (q/k/v
+  share one ``s``), the post-attention RMSNorm (gate/up share one) and ``v_proj -> o_proj``
+  (one ``s`` per ``head_dim`` channel, shared by every head, so it commutes with GQA and with
+  the head-mixing rotation before ``o_proj``). ``down_proj`` gets none (its input is behind the
+  Hadamard of a rotated model, or an elementwise product);
+* a low-rank error-compensation term ``A B`` (``A = 0`` at the start) added to the weight
+  *before* quantization, ``Q((W + A B) s)``, so it folds into plain quantized weights.
+
+Afterwards everything is folded: ``W' = (W + A B) s`` (rows of ``v_proj`` divided by o's ``s``)
+is quantized with the learned clip, ``1/s`` goes into the norm gains; the result is plain
+quantized weights (an existing ``lowrank`` correction ``U V^T`` is kept, its ``V`` rescaled).
+
+The starting point is whatever the earlier steps left: after ``gptq``/``lowrank`` the clip is
+initialized so that the fake-quantized weight reproduces their grid, otherwise (bisup as the
+only weight step) from the float weights with an MSE-searched clip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from qtool.models.qlinear import QuantizedWeight
+from qtool.quant.quantizer import compute_qparams, fake_quant_ste, mse_clip_search, quantize
+from qtool.recipe import StepConfig
+from qtool.steps import register
+from qtool.steps.layerwise import LayerwiseRunner
+
+logger = logging.getLogger("qtool")
+CLIP_MAX = 0.999
+
+
+class BisupLinear(nn.Module):
+    """Training view of a QLinear: ``fq(x / s_in) @ fq((W + A B) * s_in / s_out)^T + U V^T x``.
+
+    ``s_in`` / ``s_out`` are shared ``Smooth`` parameters (or None); ``s_out`` divides output rows
+    (v_proj -> o_proj). ``divide_input``: the wrapper divides its input by ``s_in`` itself (the
+    producer is a norm, folded afterwards); False when the producer already does (o_proj reads
+    v_proj's rows divided by ``s``). Activation quantization uses the straight-through estimator.
+    """
+
+    def __init__(self, lin, spec, rank: int, s_in=None, s_out=None, divide_input: bool = True) -> None:
+        super().__init__()
+        self.lin, self.spec, self.s_in, self.s_out = lin, spec, s_in, s_out
+        self.divide_input = divide_input
+        W0 = lin.weight.data.float()
+        self.register_buffer("W0", W0)
+        m, d = W0.shape
+        base, _ = compute_qparams(W0, spec)
+        if lin.qweight is not None:  # reproduce the existing grid at the start
+            clip = (lin.qweight.scale.to(base) / base).clamp(0.3, CLIP_MAX)
+        else:
+            clip = mse_clip_search(W0, spec).clamp(0.3, CLIP_MAX)
+        self.clip_logit = nn.Parameter(torch.log(clip / (1 - clip)))
+        g = torch.Generator().manual_seed(m * 7919 + d)
+        self.A = nn.Parameter(torch.zeros(m, rank, device=W0.device)) if rank else None
+        self.B = nn.Parameter((torch.randn(rank, d, generator=g) / d**0.5).to(W0.device)) if rank else None
+
+    def effective_weight(self) -> torch.Tensor:
+        W = self.W0 if self.A is None else self.W0 + self.A @ self.B
+        if self.s_in is not None:
+            W = W * self.s_in.value()[None, :]
+        if self.s_out is not None:
+            W = W / self.s_out.value()[:, None]
+        return W
+
+    def clip(self) -> torch.Tensor:
+        return torch.sigmoid(self.clip_logit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.lin
+        xt = lin.prepare_input(x)
+        xs = xt / self.s_in.value().to(xt.dtype) if (self.s_in is not None and self.divide_input) else xt
+        xs_unq = xs
+        if lin.act_spec is not None and lin.act_quant_enabled:
+            xs = fake_quant_ste(xs, lin.act_spec)
+        w = fake_quant_ste(self.effective_weight(), self.spec, clip=self.clip()).to(x.dtype)
+        bias = lin.bias
+        if bias is not None and self.s_out is not None:
+            bias = bias / self.s_out.value().to(bias.dtype)
+        y = nn.functional.linear(xs, w, bias)
+        if lin.lora_U is not None:  # the correction reads the unsmoothed input: V rows scaled by s
+            V = lin.lora_V if self.s_in is None else lin.lora_V * self.s_in.value()[:, None]
+            U = lin.lora_U if self.s_out is None else lin.lora_U / self.s_out.value()[:, None]
+            y = y + nn.functional.linear(nn.functional.linear(xs_unq, V.to(x.dtype).t()), U.to(x.dtype))
+        return y
+
+    @torch.no_grad()
+    def fold(self, scale_dtype) -> None:
+        """Write the trained parameters back into the QLinear as plain quantized weights."""
+        lin = self.lin
+        W = self.effective_weight()
+        scale, zero = compute_qparams(W, self.spec, self.clip())
+        scale = scale.to(scale_dtype).float()
+        lin.set_quantized(QuantizedWeight(quantize(W, scale, zero, self.spec), scale, zero, self.spec))
+        if self.s_out is not None:
+            so = self.s_out.value()
+            if lin.bias is not None:
+                lin.bias.data = (lin.bias.data / so).to(lin.bias.dtype)
+            if lin.lora_U is not None:
+                lin.lora_U = (lin.lora_U / so[:, None]).to(lin.lora_U.dtype)
+        if self.s_in is not None and lin.lora_V is not None:
+            lin.lora_V = (lin.lora_V * self.s_in.value()[:, None]).to(lin.lora_V.dtype)
+
+
+class Smooth(nn.Module):
+    """Positive per-channel factors, ``repeat`` times tiled (v -> o: one per head_dim channel)."""
+
+    def __init__(self, n: int, device, repeat: int = 1) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(n, device=device))
+        self.repeat = repeat
+
+    def value(self, repeat: int | None = None) -> torch.Tensor:
+        return self.s.clamp(min=1e-2).repeat(self.repeat if repeat is None else repeat)
+
+    def penalty(self) -> torch.Tensor:
+        return (self.s - 1.0).pow(2).sum()
+
+
+class _Out(nn.Module):
+    """``s_out`` view of a Smooth tiled for the v_proj rows (num_kv_heads copies)."""
+
+    def __init__(self, smooth: Smooth, repeat: int) -> None:
+        super().__init__()
+        self.smooth, self.repeat = smooth, repeat
+
+    def value(self) -> torch.Tensor:
+        return self.smooth.value(self.repeat)
+
+
+def _ste_kv(state):
+    """A ``quantize_kv`` for the attention state that lets gradients through the rounding."""
+    from qtool.quant.quantizer import fake_quant_ste as fq
+
+    def one(x, spec, shift, scale):
+        if spec is None or not state.enabled:
+            return x
+        sh = 0.0 if shift is None else shift[None, :, None, :].to(x.dtype)
+        sc = 1.0 if scale is None else scale[None, :, None, :].to(x.dtype)
+        return fq((x - sh) / sc, spec) * sc + sh
+
+    return lambda k, v: (one(k, state.k_spec, state.k_shift, state.k_scale),
+                         one(v, state.v_spec, state.v_shift, state.v_scale))
+
+
+def _fp_reference(ctx, step):
+    """The full-precision model in the quantized model's basis (snapshot, or rebuilt)."""
+    if ctx._fp_model is not None:
+        return ctx._fp_model
+    try:
+        from qtool.steps.intactkv import fp_reference
+    except ImportError:
+        fp_reference = None
+    if fp_reference is not None:
+        return fp_reference(ctx, step)
+    if any(getattr(m, "qweight", None) is not None for m in ctx.model.modules()):
+        raise ValueError("`bisup` after a weight step needs the full-precision model: put bisup first")
+    ctx.snapshot_fp()
+    return ctx._fp_model
+
+
+@register("bisup")
+class BiSup(StepConfig):
+    """Block-wise QAT of weight clipping, soft-constrained smoothing and a low-rank compensation."""
+
+    lr: float = Field(2e-3, gt=0.0, description="AdamW learning rate of every trained parameter")
+    epochs: int = Field(1, ge=1, le=50, description="passes over the calibration samples per block")
+    samples: int | None = Field(None, ge=1, description="calibration windows used (default: all)")
+    batch_size: int = Field(1, ge=1, description="windows per optimizer step")
+    rank: int = Field(8, ge=0, description="rank of the low-rank compensation A B folded into W (0 = none)")
+    reg: float = Field(1e-2, ge=0.0, description="weight of the smoothing regularizer |s - 1|^2")
+    clip: bool = Field(True, description="learn per-group clip ratios")
+    smooth: bool = Field(True, description="learn smoothing factors where they fold (norm->q/k/v, norm->gate/up, v->o)")
+    targets: list[str] | None = Field(None, description="linears to train (default: scheme.targets)")
+    offload: bool = Field(True, description="keep calibration activations on the CPU")
+
+    def apply(self, ctx) -> None:
+        w = ctx.scheme.weights
+        if w is None:
+            raise ValueError("`bisup` needs scheme.weights")
+        fp_model = _fp_reference(ctx, self)
+        spec = w.spec()
+        targets = set(self.targets if self.targets is not None else ctx.scheme.targets) & set(ctx.scheme.targets)
+        runner = LayerwiseRunner(ctx, self.batch_size, self.offload, fp_stream=True)
+        if self.samples is not None:
+            nb = -(-self.samples // self.batch_size)
+            runner.inputs, runner.fp_inputs = runner.inputs[:nb], runner.fp_inputs[:nb]
+        fp_layers = runner.adapter.layers(fp_model)
+        report: dict[str, dict] = {}
+        start = time.perf_counter()
+
+        def train_layer(i: int, layer) -> None:
+            report[f"layers.{i}"] = self._train_block(ctx, runner, layer, fp_layers[i].to(ctx.device), targets, spec)
+
+        runner.run(train_layer, "bisup", fp_layers=fp_layers)
+        seconds = time.perf_counter() - start
+        ctx.record("bisup", {"blocks": report, "solve_seconds": seconds, "trained_parameters":
+                             sum(r["trained_parameters"] for r in report.values())})
+        logger.info("bisup: %d blocks in %.1fs", len(report), seconds)
+
+    def _train_block(self, ctx, runner, layer, fp_layer, targets, spec) -> dict:
+        adapter, dev = runner.adapter, ctx.device
+        with torch.no_grad():
+            goal = [runner.run_layer(fp_layer, x).to(runner.store) for x in runner.fp_inputs]
+        smooths: list[Smooth] = []
+        wrappers: dict[str, BisupLinear] = {}
+        norms = dict(zip(("qkv", "mlp"), (n for n, _ in adapter.norm_readers(layer)), strict=True))
+        readers = dict(zip(("qkv", "mlp"), (r for _, r in adapter.norm_readers(layer)), strict=True))
+        s_norm: dict[str, Smooth] = {}
+        if self.smooth:
+            for key, names in readers.items():
+                if all(n in targets for n in names):  # 1/s in the norm reaches every reader
+                    s_norm[key] = Smooth(norms[key].weight.shape[0], dev)
+                    smooths.append(s_norm[key])
+        s_o = None
+        o = adapter.linear(layer, "o_proj")
+        cfg = ctx.model.config
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if self.smooth and {"v_proj", "o_proj"} <= targets:
+            s_o = Smooth(hd, dev, repeat=o.in_features // hd)
+            smooths.append(s_o)
+        for name in adapter.linear_names():
+            if name not in targets:
+                continue
+            lin = adapter.linear(layer, name)
+            group = next((k for k, names in readers.items() if name in names), None)
+            s_in = s_norm.get(group) if group else (s_o if name == "o_proj" else None)
+            s_out = _Out(s_o, lin.out_features // hd) if (name == "v_proj" and s_o is not None) else None
+            wrappers[name] = BisupLinear(lin, spec, self.rank, s_in, s_out, divide_input=name != "o_proj").to(dev)
+            adapter.set_linear(layer, name, wrappers[name])
+        params = [p for wr in wrappers.values() for p in (wr.A, wr.B) if p is not None]
+        if self.clip:
+            params += [wr.clip_logit for wr in wrappers.values()]
+        params += [s.s for s in smooths]
+        state = adapter.attention(layer).qtool
+        state.quantize_kv = _ste_kv(state)
+        try:
+            first, last = self._optimize(runner, layer, goal, params, smooths)
+        finally:
+            del state.quantize_kv
+            for name, wr in wrappers.items():
+                adapter.set_linear(layer, name, wr.lin)
+        for wr in wrappers.values():
+            wr.fold(ctx.scale_dtype)
+        with torch.no_grad():
+            for key, s in s_norm.items():
+                norms[key].weight.data = (norms[key].weight.data / s.value()).to(norms[key].weight.dtype)
+        return {"mse_before": first, "mse_after": last, "trained_parameters": sum(p.numel() for p in params)}
+
+    def _optimize(self, runner, layer, goal, params, smooths) -> tuple[float, float]:
+        """Train ``params``; returns the block's output MSE over all samples before and after."""
+
+        def block_mse() -> float:
+            with torch.no_grad():
+                errs = [nn.functional.mse_loss(runner.run_layer(layer, x.to(runner.device)).float(),
+                                               y.to(runner.device).float()).item() for x, y in zip(runner.inputs, goal, strict=True)]
+            return sum(errs) / max(len(errs), 1)
+
+        before = block_mse()
+        if not params:
+            return before, before
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(self.epochs):
+            for b in torch.randperm(len(runner.inputs), generator=gen).tolist():
+                x, y = runner.inputs[b].to(runner.device), goal[b].to(runner.device)
+                loss = nn.functional.mse_loss(runner.run_layer(layer, x).float(), y.float())
+                if smooths and self.reg:
+                    loss = loss + self.reg * sum(s.penalty() for s in smooths)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return before, block_mse()

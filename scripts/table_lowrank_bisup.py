@@ -1,0 +1,187 @@
+"""Low-rank correction and BiSup table (issue 5) on SmolLM2-135M.
+
+    python scripts/table_lowrank_bisup.py --limit 8     # writes results/table_lowrank_bisup.{json,md}
+
+WikiText-2 test perplexity, seq len 2048, the same first N windows for every row and a BOS in
+front of every window (unscored; it is the IntactKV pivot of the full recipe, so every row scores
+the same tokens). Every row is quantized from the same model with the same calibration windows
+(WikiText-2, seeded), exported to a temporary folder to measure the checkpoint size (weights +
+LoRA adapter + pivot sidecars), and evaluated in memory.
+
+Columns: ppl; share of the FP gap closed relative to the row's baseline (W4A4KV4 rows: rotate +
+GPTQ; W3A3 rows: W3A3 rotate + GPTQ); extra parameters (low-rank factors kept in full precision;
+BiSup's trained parameters fold away and add none); checkpoint size; solve time (the quantizing
+steps, wall clock, this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
+os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+W4A4KV4 = {"preset": "W4A4KV4", "weights": {"bits": 4, "group_size": None},
+           "activations": {"bits": 4, "clip_ratio": 0.9}, "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95}}
+# 576 = 4.5 x 128: the last group of the hidden-size inputs is ragged (64 wide); activations per token
+W3A3 = {"preset": "W3A3", "weights": {"bits": 3, "group_size": 128, "ragged": True},
+        "activations": {"bits": 3, "clip_ratio": 0.9}}
+GPTQ = {"gptq": {"act_order": True, "mse_clip": True}}
+
+
+def lrc(fraction: float, iterations: int) -> dict:
+    return {"lowrank": {"rank_fraction": fraction, "iterations": iterations, "act_order": True}}
+
+
+def rows(args) -> list[tuple[str, str, dict | None, list]]:
+    """(label, baseline label, scheme, steps)."""
+    bisup = {"bisup": {"samples": args.bisup_samples, "epochs": args.bisup_epochs, "lr": args.bisup_lr,
+                       "rank": args.bisup_rank}}
+    base = "W4A4KV4 rotate + GPTQ"
+    out: list[tuple[str, str, dict | None, list]] = [("FP (bf16 weights)", "", None, []), (base, base, W4A4KV4, ["rotate", GPTQ])]
+    for f in (0.05, 0.1, 0.2, 0.3):
+        for it in (1, 3):
+            out.append((f"+ lowrank {f:g} ({it} it)", base, W4A4KV4, ["rotate", lrc(f, it)]))
+    out.append(("+ bisup", base, W4A4KV4, ["rotate", GPTQ, bisup]))
+    out.append((f"+ bisup + lowrank {args.full_fraction:g} + IntactKV", base, W4A4KV4,
+                ["rotate", lrc(args.full_fraction, 1), bisup, {"intactkv": {"pivot": "bos"}}]))
+    w3 = "W3A3-g128 rotate + GPTQ"
+    out.append((w3, w3, W3A3, ["rotate", GPTQ]))
+    out.append((w3 + " + bisup", w3, W3A3, ["rotate", GPTQ, bisup]))
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--limit", type=int, default=8, help="first N WikiText-2 test windows")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--bisup-samples", type=int, default=16)
+    p.add_argument("--bisup-epochs", type=int, default=1)
+    p.add_argument("--bisup-lr", type=float, default=2e-3)
+    p.add_argument("--bisup-rank", type=int, default=8)
+    p.add_argument("--full-fraction", type=float, default=0.3, help="lowrank rank_fraction of the full recipe")
+    p.add_argument("--only", default="", help="comma-separated substrings: run only rows whose label matches")
+    p.add_argument("--out", default="table_lowrank_bisup", help="output stem under results/")
+    return p.parse_args()
+
+
+def main() -> int:
+    import torch
+
+    from qtool.api import versions
+    from qtool.data.datasets import calibration_windows
+    from qtool.eval.perplexity import eval_token_ids, prefix_ids, window_nll
+    from qtool.export.writer import write_checkpoint
+    from qtool.models.loading import load_hf_model, resolve_model_path
+    from qtool.models.prepare import prepare_model
+    from qtool.recipe import Recipe
+    from qtool.steps.base import Context
+
+    args = parse_args()
+    torch.manual_seed(0)
+    base_model, tok = load_hf_model(args.model, "float32", "cpu")
+    calib = calibration_windows(tok, "wikitext2", "auto", args.calib_samples, args.calib_seq_len, 0)
+    ids = eval_token_ids(tok, "wikitext2", "test")
+    total = ids.numel() // args.seq_len
+    windows = ids[: total * args.seq_len].view(total, args.seq_len)[: args.limit]
+    prefix = prefix_ids(tok, "bos")
+    fp_bytes = (Path(resolve_model_path(args.model)) / "model.safetensors").stat().st_size
+
+    def ppl(model) -> float:
+        with torch.no_grad():
+            nll = [float(window_nll(model, w[None], prefix)[0]) for w in windows]
+        return math.exp(sum(nll) / len(nll))
+
+    def write() -> None:
+        fp = next((r["ppl"] for r in results if r["baseline"] == ""), None)
+        by_label = {r["label"]: r for r in results}
+        for r in results:
+            b = by_label.get(r["baseline"])
+            r["gap_closed"] = None
+            if fp is not None and b is not None and r is not b and b["ppl"] != fp:
+                r["gap_closed"] = (b["ppl"] - r["ppl"]) / (b["ppl"] - fp)
+        meta = {"model": args.model, "data": "wikitext-2-raw-v1 test, rows joined with \\n\\n", "seq_len": args.seq_len,
+                "windows": len(windows), "first_windows": True, "prefix": "BOS (unscored) before every window",
+                "calibration": f"{args.calib_samples} x {args.calib_seq_len} wikitext2 (train, else validation), seed 0",
+                "bisup": {"samples": args.bisup_samples, "epochs": args.bisup_epochs, "lr": args.bisup_lr, "rank": args.bisup_rank},
+                "device": "cpu", "threads": torch.get_num_threads(), "versions": versions()}
+        out = REPO / "results"
+        out.mkdir(exist_ok=True)
+        (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2, default=str))
+        (out / f"{args.out}.md").write_text(markdown(meta, results))
+
+    results = []
+    wanted = [s for s in args.only.split(",") if s]
+    for label, baseline, scheme, steps in rows(args):
+        if wanted and not any(s in label for s in wanted):
+            continue
+        t0 = time.perf_counter()
+        model = copy.deepcopy(base_model)
+        row = {"label": label, "baseline": baseline, "steps": steps, "extra_parameters": 0}
+        if scheme is None:
+            row.update(checkpoint_bytes=fp_bytes, solve_seconds=0.0)
+        else:
+            recipe = Recipe.model_validate({"model": args.model, "device": "cpu", "scheme": scheme, "steps": steps,
+                                            "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len}})
+            prepare_model(model, recipe.scheme)
+            ctx = Context(recipe=recipe, model=model, tokenizer=tok, device=torch.device("cpu"))
+            ctx._calibration = calib
+            for step in recipe.steps:
+                step.apply(ctx)
+            row["solve_seconds"] = time.perf_counter() - t0
+            row["extra_parameters"] = ctx.results.get("lowrank", {}).get("extra_parameters", 0)
+            with tempfile.TemporaryDirectory() as tmp:
+                size = write_checkpoint(ctx, Path(tmp) / "ckpt")
+            from qtool.export.writer import round_unquantized_
+
+            round_unquantized_(model, ctx.scale_dtype)  # evaluate what the checkpoint holds
+            row["checkpoint_bytes"] = size["bytes"]
+            row["details"] = {k: v for k, v in ctx.results.items() if k in ("bisup", "lowrank")}
+            for d in row["details"].values():
+                d.pop("linears", None)
+        t1 = time.perf_counter()
+        row["ppl"] = ppl(model)
+        row["eval_seconds"] = time.perf_counter() - t1
+        results.append(row)
+        write()
+        print(f"{label}: ppl {row['ppl']:.3f} ({row['solve_seconds']:.0f}s solve)", file=sys.stderr, flush=True)
+        del model
+
+    write()
+    print((REPO / "results" / f"{args.out}.md").read_text())
+    return 0
+
+
+def markdown(meta: dict, results: list[dict]) -> str:
+    lines = [
+        f"SmolLM2-135M ({meta['model']}), WikiText-2 test, seq len {meta['seq_len']}, first {meta['windows']} windows, "
+        f"{meta['prefix']}; calibration {meta['calibration']}; device {meta['device']} "
+        f"({meta['threads']} threads); torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}, "
+        f"qtool {meta['versions']['qtool']}.",
+        "",
+        "| recipe | ppl | FP gap closed | extra params | checkpoint | solve time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
+        extra = f"{r['extra_parameters'] / 1e6:.2f} M" if r["extra_parameters"] else "0"
+        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {gap} | {extra} | {r['checkpoint_bytes'] / 1e6:.1f} MB | "
+                     f"{r['solve_seconds']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``bisup``: trained clip, smoothing and low-rank terms fold back into plain quantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lowrank_step import run_steps
+
+from qtool.quant.quantizer import sqnr_db
+from qtool.steps import STEPS, StepError, parse_step
+
+
+def test_options_are_validated():
+    with pytest.raises(StepError, match="unknown key 'learning_rate'"):
+        parse_step({"bisup": {"learning_rate": 1e-3}}, 0)
+    with pytest.raises(StepError, match="lr"):
+        parse_step({"bisup": {"lr": 0}}, 0)
+    step = parse_step({"bisup": {"rank": 4, "epochs": 2, "samples": 8, "reg": 0.1}}, 0)
+    assert step.rank == 4 and step.smooth and step.clip
+
+
+def test_folded_model_equals_trained_fake_quant_model(tiny_llama_dir, monkeypatch):
+    """Perturb every trained parameter (as training would), record the wrapped block's output,
+    then check that the folded block (plain quantized weights, 1/s in the norms) computes it."""
+    seen = []
+
+    def fake_optimize(self, runner, layer, goal, params, smooths):
+        g = torch.Generator().manual_seed(len(seen))
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+            for s in smooths:
+                s.s.copy_(torch.empty(s.s.shape).uniform_(0.6, 1.6, generator=g))
+            x = runner.inputs[0]
+            seen.append((layer, x.clone(), runner.run_layer(layer, x).clone(), runner))
+        return 0.0, 0.0
+
+    parse_step("bisup", 0)  # loads every built-in step (importing one step module directly would not)
+    monkeypatch.setattr(STEPS["bisup"], "_optimize", fake_optimize)
+    # float32 scales: the fold is then exact (bf16 scales would move a few codes)
+    scheme = {"preset": "W4A4KV4", "weights": {"group_size": 32}}
+    run_steps(tiny_llama_dir, ["rotate", {"bisup": {"rank": 3}}], scheme, checkpoint_dtype="float32")
+    assert len(seen) == 2
+    for layer, x, trained, runner in seen:
+        for name in ("q_proj", "v_proj", "o_proj", "down_proj"):
+            lin = runner.adapter.linear(layer, name)
+            assert type(lin).__name__ == "QLinear" and lin.qweight is not None
+            assert torch.equal(lin.weight.data, lin.qweight.dequantize())
+        assert not torch.all(layer.input_layernorm.weight == 1)  # 1/s went into the norm
+        with torch.no_grad():
+            folded = runner.run_layer(layer, x)
+        assert sqnr_db(trained, folded) > 60
+
+
+def test_training_lowers_the_block_loss(tiny_llama_dir):
+    scheme = {"preset": "W3A3", "weights": {"group_size": 32}}
+    calib = torch.randint(0, 2000, (4, 64), generator=torch.Generator().manual_seed(0))
+    ctx = run_steps(tiny_llama_dir, ["rotate", {"bisup": {"epochs": 2, "lr": 3e-3, "rank": 4}}], scheme, calib=calib)
+    blocks = ctx.results["bisup"]["blocks"]
+    # the block output error on the calibration samples, trained (fake-quant) model vs its start
+    assert sum(b["mse_after"] for b in blocks.values()) < sum(b["mse_before"] for b in blocks.values()), blocks
+    assert all(lin.qweight is not None for lin in ctx.model.modules() if hasattr(lin, "qweight"))

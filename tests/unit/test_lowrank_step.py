@@ -1,0 +1,99 @@
+"""The ``lowrank`` step: options, correction quality, LoRA export and reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qtool.quant.quantizer import sqnr_db
+from qtool.recipe import Recipe
+from qtool.steps import StepError, parse_step
+
+
+def run_steps(model_dir, steps, scheme, out=None, calib=None, **recipe):
+    """Run ``steps`` on the tiny model with fixed calibration ids (no dataset tokenization)."""
+    from qtool.models.loading import load_hf_model
+    from qtool.models.prepare import prepare_model
+    from qtool.steps.base import Context
+
+    recipe = Recipe.model_validate({"model": str(model_dir), "device": "cpu", "scheme": scheme, "steps": steps, **recipe})
+    model, tok = load_hf_model(str(model_dir), device="cpu")
+    prepare_model(model, recipe.scheme)
+    ctx = Context(recipe=recipe, model=model, tokenizer=tok, device=torch.device("cpu"))
+    ctx._calibration = calib if calib is not None else torch.randint(0, 2000, (8, 64), generator=torch.Generator().manual_seed(0))
+    ctx.results["_output"], ctx.results["_overwrite"] = out, True
+    for step in recipe.steps:
+        step.apply(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def eval_ids():
+    return torch.randint(0, 2000, (2, 64), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def fp_logits(tiny_llama_dir, eval_ids):
+    from qtool.models.loading import load_hf_model
+
+    model, _ = load_hf_model(str(tiny_llama_dir), device="cpu")
+    return model(eval_ids).logits
+
+
+def test_options_are_validated():
+    with pytest.raises(StepError, match="exactly one of `rank`"):
+        parse_step({"lowrank": {"rank": 4, "rank_fraction": 0.1}}, 0)
+    with pytest.raises(StepError, match="exactly one of `rank`"):
+        parse_step({"lowrank": {}}, 0)
+    with pytest.raises(StepError, match="iterations"):
+        parse_step({"lowrank": {"rank": 4, "iterations": 6}}, 0)
+    step = parse_step({"lowrank": {"rank_fraction": 0.1}}, 0)
+    assert step.rank_for(576, 576) == round(0.1 * 576 * 576 / 1152)
+    assert parse_step({"lowrank": {"rank": 10_000}}, 0).rank_for(64, 32) == 32
+
+
+def test_correction_improves_on_plain_gptq(tiny_llama_dir, eval_ids, fp_logits):
+    scheme = {"preset": "W4A4"}
+    base = run_steps(tiny_llama_dir, ["rotate", {"lowrank": {"rank": 0}}], scheme)
+    corr = run_steps(tiny_llama_dir, ["rotate", {"lowrank": {"rank_fraction": 0.3, "iterations": 2}}], scheme)
+    s_base = sqnr_db(fp_logits, base.model(eval_ids).logits)
+    s_corr = sqnr_db(fp_logits, corr.model(eval_ids).logits)
+    assert s_corr > s_base + 1.0, (s_base, s_corr)
+    res = corr.results["lowrank"]
+    assert res["extra_parameters"] > 0 and base.results["lowrank"]["extra_parameters"] == 0
+    down = corr.model.model.layers[0].mlp.down_proj
+    assert down.lora_U.shape == (64, round(0.3 * 64 * 128 / 192)) and down.input_transform is not None
+
+
+def test_export_reload_reproduces_corrected_model(tiny_llama_dir, tmp_path, eval_ids):
+    from qtool.export.loader import load_checkpoint
+    from qtool.export.lora import ADAPTER_FILE, CONFIG_FILE
+
+    out = tmp_path / "ckpt"
+    steps = ["rotate", {"lowrank": {"rank": 5, "targets": ["q_proj", "o_proj", "down_proj"]}}, "export"]
+    ctx = run_steps(tiny_llama_dir, steps, {"preset": "W4A4KV4"}, out=out)
+    expected = ctx.model(eval_ids).logits
+
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 5 and config["lora_alpha"] == 5
+    assert config["target_modules"] == ["down_proj", "o_proj", "q_proj"]
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / ADAPTER_FILE))
+    a = tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+    assert a.shape == (5, 128) and b.shape == (64, 5) and a.dtype == torch.bfloat16
+    assert len(tensors) == 2 * 3 * 2  # A and B, 3 linears, 2 layers
+    size = ctx.results["export"]["bytes"]
+    assert size >= (out / "model.safetensors").stat().st_size + (out / ADAPTER_FILE).stat().st_size
+
+    model, _, meta = load_checkpoint(out, device="cpu")
+    assert ADAPTER_FILE in meta["sidecars"]
+    assert model.model.layers[0].self_attn.k_proj.lora_U is None
+    got = model(eval_ids).logits
+    assert sqnr_db(expected, got) > 60
+    nll = torch.nn.functional.cross_entropy
+    ppl = [nll(x[:, :-1].flatten(0, 1), eval_ids[:, 1:].flatten()).exp() for x in (expected, got)]
+    assert float(ppl[1]) == pytest.approx(float(ppl[0]), rel=1e-4)
