@@ -42,7 +42,8 @@ def _unpack(tensors: dict, prefix: str, spec, fmt: str, out_features: int, in_fe
         tensors.pop(f"{prefix}.g_idx")
         zero = torch.zeros_like(scale, dtype=torch.int8)
         return QuantizedWeight(codes, scale, zero, spec)
-    shape = tensors.pop(f"{prefix}.weight_shape").tolist()
+    shape_t = tensors.pop(f"{prefix}.weight_shape", None)
+    shape = shape_t.tolist() if shape_t is not None else list(tensors[f"{prefix}.weight"].shape)
     if shape != [out_features, in_features]:
         raise QtoolError(f"{prefix}: weight_shape {shape} does not match the model ({out_features}, {in_features})")
     if spec.bits == 4:

@@ -111,7 +111,8 @@ def _linear_tensors(prefix: str, lin, fmt: str, dtype: torch.dtype) -> dict[str,
     else:
         out[f"{prefix}.weight"] = qw.codes.clone()
     out[f"{prefix}.weight_scale"] = qw.scale.to(dtype)
-    out[f"{prefix}.weight_shape"] = torch.tensor(list(qw.codes.shape), dtype=torch.int64)
+    if qw.spec.bits == 4:  # packed layouts record the unpacked shape; int8 weights carry it themselves
+        out[f"{prefix}.weight_shape"] = torch.tensor(list(qw.codes.shape), dtype=torch.int64)
     if not qw.spec.symmetric:
         zp = qw.zero
         out[f"{prefix}.weight_zero_point"] = pack_int4_dim0(zp) if qw.spec.bits == 4 else zp.clone()

@@ -194,22 +194,32 @@ def mse_clip_search(
 ) -> torch.Tensor:
     """Per-(row, group) clip ratio minimizing ``|w - fq(w)|^norm`` (GPTQ/QuaRot's MSE search).
 
-    Tries ratios ``1, 1 - 1/grid, ...`` down to ``1 - max_shrink`` and keeps, for each row and
-    group, the best one. Returns a tensor of shape ``[rows, groups]``.
+    Tries ratios ``1, 1 - 1/grid, ...`` down to ``1 - max_shrink`` (times ``spec.clip_ratio``)
+    and keeps, for each row and group, the best one. Returns a tensor of shape ``[rows, groups]``.
+    The grid arithmetic is :func:`compute_qparams`'s, done once on the grouped view.
     """
-    base_scale, _ = compute_qparams(w, spec)
-    best_err = torch.full_like(base_scale, float("inf"))
-    best = torch.ones_like(base_scale)
     wg, _ = _grouped(w.float(), spec)
+    if spec.granularity == "tensor":
+        wg = wg.reshape(1, 1, -1)
+    xmin = wg.amin(dim=-1).clamp(max=0)
+    xmax = wg.amax(dim=-1).clamp(min=0)
+    best_err = torch.full(xmin.shape, float("inf"), device=w.device)
+    best = torch.ones_like(best_err)
     for i in range(int(max_shrink * grid) + 1):
-        ratio = 1.0 - i / grid
-        scale, zero = compute_qparams(w, spec, clip=ratio * spec.clip_ratio)
-        dq = dequantize(quantize(w, scale, zero, spec), scale, zero, spec)
-        dg, _ = _grouped(dq, spec)
-        err = (dg - wg).abs().pow(norm).sum(dim=-1).reshape(best_err.shape)
+        ratio = (1.0 - i / grid) * spec.clip_ratio
+        lo, hi = xmin * ratio, xmax * ratio
+        if spec.symmetric:
+            scale = (torch.maximum(hi, -lo) / spec.qmax).clamp(min=1e-8)
+            zero = torch.zeros_like(scale)
+        else:
+            scale = ((hi - lo) / (2**spec.bits - 1)).clamp(min=1e-8)
+            zero = (torch.round(-lo / scale) + spec.qmin).clamp(spec.qmin, spec.qmax)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        q = (torch.round(wg / s) + z).clamp_(spec.qmin, spec.qmax)
+        err = ((q - z) * s - wg).abs_().pow_(norm).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, ratio * spec.clip_ratio), best)
+        best = torch.where(better, torch.full_like(best, ratio), best)
     return best
 
 
