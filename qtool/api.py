@@ -26,11 +26,15 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
     }
 
 
-def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, export: bool = True):
+def run_recipe(
+    recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, export: bool = True
+):
     """Run every step of ``recipe``; export to ``output`` (or the recipe's) when ``export``.
 
     Returns the step :class:`~qtool.steps.base.Context` (model, tokenizer, results).
@@ -66,7 +70,9 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
         logger.info("step %s", step_name(step))
         try:
             step.apply(ctx)
-        except ValueError as exc:  # a step's check of the recipe/model failed: the message says what to change
+        except (
+            ValueError
+        ) as exc:  # a step's check of the recipe/model failed: the message says what to change
             raise QtoolError(f"step `{step_name(step)}`: {exc}") from None
         ctx.record(step_name(step), {"seconds": round(time.perf_counter() - t0, 3)})
     ctx.results["quantize_seconds"] = time.perf_counter() - start
@@ -103,7 +109,11 @@ def load(target: str, dtype: str = "float32", device: str = "auto", kernels: str
         recipe = load_recipe(target)
         recipe.device = device if device != "auto" else recipe.device
         ctx = run_recipe(recipe, export=False)
-        return ctx.model, ctx.tokenizer, {"kind": "in-memory", "recipe": recipe.to_dict(), "scheme": recipe.scheme.label()}
+        return (
+            ctx.model,
+            ctx.tokenizer,
+            {"kind": "in-memory", "recipe": recipe.to_dict(), "scheme": recipe.scheme.label()},
+        )
     if is_qtool_checkpoint(target):
         from qtool.export.loader import load_checkpoint
 
@@ -177,6 +187,13 @@ def generate_text(
 
     model, tok, info = load(target, dtype, device)
     res = generate(model, tok, prompt, system, max_new_tokens, temperature, top_p, seed, mixed_precision)
-    return {"model": str(target), "loaded": info, "prompt": prompt, "system": system, **res.to_dict(),
-            "pivot": getattr(getattr(model, "qtool_pivot", None), "token_ids", None),
-            "device": str(next(model.parameters()).device), "versions": versions()}
+    return {
+        "model": str(target),
+        "loaded": info,
+        "prompt": prompt,
+        "system": system,
+        **res.to_dict(),
+        "pivot": getattr(getattr(model, "qtool_pivot", None), "token_ids", None),
+        "device": str(next(model.parameters()).device),
+        "versions": versions(),
+    }

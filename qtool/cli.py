@@ -69,10 +69,14 @@ def _error_table(errors: dict[str, float], title: str) -> Table:
 @app.command()
 def quantize(
     recipe: Path = typer.Argument(..., help="recipe YAML"),
-    output: Path | None = typer.Option(None, "--output", "-o", help="checkpoint folder (default: the recipe's output)"),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="checkpoint folder (default: the recipe's output)"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     device: str | None = typer.Option(None, "--device", help="override the recipe's device (cpu, cuda, ...)"),
-    json_out: Path | None = typer.Option(None, "--json", help="write step results (errors, times, sizes) as JSON"),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="write step results (errors, times, sizes) as JSON"
+    ),
 ) -> None:
     """Run a recipe and export the quantized checkpoint."""
     from qtool import api
@@ -98,7 +102,9 @@ def quantize(
     console.print(summary)
     exp = res.get("export", {})
     if exp:
-        console.print(f"checkpoint: {exp['path']} ({exp['bytes'] / 1e6:.1f} MB, decoder linears {exp['decoder_linear_bytes'] / 1e6:.1f} MB)")
+        console.print(
+            f"checkpoint: {exp['path']} ({exp['bytes'] / 1e6:.1f} MB, decoder linears {exp['decoder_linear_bytes'] / 1e6:.1f} MB)"
+        )
     if "peak_gpu_memory_gb" in res:
         console.print(f"peak GPU memory: {res['peak_gpu_memory_gb']:.2f} GiB")
     _write_json(json_out, {"recipe": r.to_dict(), "results": res, "versions": api.versions()})
@@ -106,15 +112,21 @@ def quantize(
 
 @app.command("eval")
 def eval_cmd(
-    target: str = typer.Argument(..., help="checkpoint folder, HF folder, hub id, smollm2-135m, or a recipe .yaml (in memory)"),
+    target: str = typer.Argument(
+        ..., help="checkpoint folder, HF folder, hub id, smollm2-135m, or a recipe .yaml (in memory)"
+    ),
     ppl: str = typer.Option("wikitext2", "--ppl", help="perplexity dataset: wikitext2, c4 or a local file"),
     seq_len: int = typer.Option(2048, "--seq-len", help="window length in tokens"),
     limit: int | None = typer.Option(None, "--limit", help="evaluate the first N windows only"),
     batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
-    prefix: str = typer.Option("none", "--prefix", help="unscored prefix before every window: none, bos or a text"),
+    prefix: str = typer.Option(
+        "none", "--prefix", help="unscored prefix before every window: none, bos or a text"
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
-    kernels: str = typer.Option("auto", "--kernels", help="packed int4 ops for checkpoints: auto (CUDA + extension), on, off"),
+    kernels: str = typer.Option(
+        "auto", "--kernels", help="packed int4 ops for checkpoints: auto (CUDA + extension), on, off"
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="write the result as JSON"),
 ) -> None:
     """Perplexity by the papers' protocol (non-overlapping windows, exp of the mean window loss)."""
@@ -131,8 +143,13 @@ def eval_cmd(
     for col in ("model", "ppl", "seq len", "windows", "prefix", "device", "eval s"):
         table.add_column(col)
     table.add_row(
-        target, f"{res['ppl']:.4f}", str(p["seq_len"]), f"{p['windows']}/{p['total_windows']}", p["prefix"],
-        res["device"], f"{res['eval_seconds']:.1f}",
+        target,
+        f"{res['ppl']:.4f}",
+        str(p["seq_len"]),
+        f"{p['windows']}/{p['total_windows']}",
+        p["prefix"],
+        res["device"],
+        f"{res['eval_seconds']:.1f}",
     )
     console.print(table)
     if "kernels" in res["loaded"]:
@@ -144,15 +161,22 @@ def eval_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    target: str = typer.Argument(..., help="checkpoint folder, HF folder, hub id, smollm2-135m, or a recipe .yaml"),
+    target: str = typer.Argument(
+        ..., help="checkpoint folder, HF folder, hub id, smollm2-135m, or a recipe .yaml"
+    ),
     prompt: str = typer.Option(..., "--prompt", "-p", help="the user message"),
-    system: str | None = typer.Option(None, "--system", help="system prompt (chat template; its KV stays 16-bit)"),
+    system: str | None = typer.Option(
+        None, "--system", help="system prompt (chat template; its KV stays 16-bit)"
+    ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate at most"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy, else sampling temperature"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass"),
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
-    mixed_precision: bool = typer.Option(True, "--prompt-mixed-precision/--no-prompt-mixed-precision",
-                                         help="keep the system prompt's KV in 16 bits"),
+    mixed_precision: bool = typer.Option(
+        True,
+        "--prompt-mixed-precision/--no-prompt-mixed-precision",
+        help="keep the system prompt's KV in 16 bits",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     json_out: Path | None = typer.Option(None, "--json", help="write the result as JSON"),
@@ -161,8 +185,9 @@ def generate_cmd(
     from qtool import api
 
     try:
-        res = api.generate_text(target, prompt, system, max_new_tokens, temperature, top_p, seed, mixed_precision,
-                                dtype, device)
+        res = api.generate_text(
+            target, prompt, system, max_new_tokens, temperature, top_p, seed, mixed_precision, dtype, device
+        )
     except QtoolError as exc:
         _fail(exc)
     console.print(res["text"], markup=False, highlight=False)
@@ -208,14 +233,20 @@ if __name__ == "__main__":  # pragma: no cover
     app()
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Kernel benchmarks (need a CUDA device and `make kernels`).")
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Kernel benchmarks (need a CUDA device and `make kernels`)."
+)
 app.add_typer(bench_app, name="bench")
 
 
 def _bench(kind: str, json_out: Path | None, iters: int) -> None:
     from qtool.ops import bench
 
-    fns = {"matmul": bench.bench_int4_matmul, "w4a4": bench.bench_w4a4, "attention": bench.bench_decode_attention}
+    fns = {
+        "matmul": bench.bench_int4_matmul,
+        "w4a4": bench.bench_w4a4,
+        "attention": bench.bench_decode_attention,
+    }
     try:
         rows = fns[kind](iters=iters)
     except (RuntimeError, QtoolError) as exc:
@@ -239,7 +270,9 @@ def bench_matmul(
 
 
 @bench_app.command("w4a4")
-def bench_w4a4(json_out: Path | None = typer.Option(None, "--json"), iters: int = typer.Option(50, "--iters")) -> None:
+def bench_w4a4(
+    json_out: Path | None = typer.Option(None, "--json"), iters: int = typer.Option(50, "--iters")
+) -> None:
     """W4A4 (activation quantization + INT8-MMA int4 GEMM) vs FP16 cuBLAS."""
     _bench("w4a4", json_out, iters)
 

@@ -43,7 +43,9 @@ def prompt_ids(tokenizer, prompt: str, system: str | None = None, chat: bool = T
     prompt; else the raw text (``system`` then prepended as plain text).
     """
     if chat and getattr(tokenizer, "chat_template", None):
-        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prompt}
+        ]
         full = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(full, add_special_tokens=False).input_ids
         if system is None:
@@ -51,13 +53,20 @@ def prompt_ids(tokenizer, prompt: str, system: str | None = None, chat: bool = T
         sys_text = tokenizer.apply_chat_template(msgs[:1], tokenize=False)
         sys_ids = tokenizer(sys_text, add_special_tokens=False).input_ids
         if not full.startswith(sys_text) or ids[: len(sys_ids)] != sys_ids:
-            ids = sys_ids + tokenizer(full[len(sys_text):] if full.startswith(sys_text) else full, add_special_tokens=False).input_ids
+            ids = (
+                sys_ids
+                + tokenizer(
+                    full[len(sys_text) :] if full.startswith(sys_text) else full, add_special_tokens=False
+                ).input_ids
+            )
         return ids, len(sys_ids)
     sys_ids = tokenizer(system, add_special_tokens=False).input_ids if system else []
     return sys_ids + tokenizer(prompt, add_special_tokens=False).input_ids, len(sys_ids)
 
 
-def prefix_cache_for(model, ids: list[int], system_len: int, mixed_precision: bool, fp_model=None) -> PivotCache | None:
+def prefix_cache_for(
+    model, ids: list[int], system_len: int, mixed_precision: bool, fp_model=None
+) -> PivotCache | None:
     """The 16-bit prefix for ``ids``: the system prompt (prompt mixed precision) and/or the pivot.
 
     The system prompt's K/V come from ``fp_model`` when given (IntactKV-P), else from ``model``
@@ -121,7 +130,9 @@ def decode(
             break
         if len(out) == max_new_tokens:
             break
-        logits = model(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True).logits[
+            0, -1
+        ]
     return out, prefill, time.perf_counter() - t1, eos
 
 
@@ -148,7 +159,11 @@ def generate(
     if pivot is not None and ids[: len(pivot)] != pivot.token_ids:
         ids, sys_len = list(pivot.token_ids) + ids, sys_len + len(pivot)  # as `eval --prefix`
     prefix = prefix_cache_for(model, ids, sys_len, mixed_precision, fp_model)
-    eos = {i for i in [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)] if isinstance(i, int)}
+    eos = {
+        i
+        for i in [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
+        if isinstance(i, int)
+    }
     new, prefill, dec, stopped = decode(model, ids, prefix, max_new_tokens, temperature, top_p, eos, seed)
     return GenerationResult(
         text=tokenizer.decode(new, skip_special_tokens=True),
@@ -169,6 +184,7 @@ def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], int, list[b
     The assistant tokens are each assistant message's content and end-of-turn token (not the
     role header), found by rendering the conversation one message at a time.
     """
+
     def ids_of(msgs, gen=False):
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
         return tokenizer(text, add_special_tokens=False).input_ids

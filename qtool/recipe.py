@@ -27,7 +27,9 @@ class WeightScheme(Closed):
     bits: int = Field(4, ge=2, le=8)
     symmetric: bool = True
     group_size: int | None = Field(None, ge=8, description="None = per output channel")
-    ragged: bool = Field(False, description="allow a shorter last group when group_size does not divide the width")
+    ragged: bool = Field(
+        False, description="allow a shorter last group when group_size does not divide the width"
+    )
 
     def spec(self) -> QSpec:
         if self.group_size is None:
@@ -130,7 +132,9 @@ class Calibration(Closed):
     @classmethod
     def _not_test(cls, v: str) -> str:
         if v == "test":
-            raise ValueError("calibrating on the test split would leak the evaluation data; use train or validation")
+            raise ValueError(
+                "calibrating on the test split would leak the evaluation data; use train or validation"
+            )
         return v
 
 

@@ -21,10 +21,34 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    ),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
 }
 
 
@@ -49,7 +73,9 @@ def main() -> None:
 
     setup_logging()
     device = torch.device(args.device)
-    config = LlamaConfig(**SHAPES[args.shape], vocab_size=args.vocab, max_position_embeddings=max(4096, args.seq_len))
+    config = LlamaConfig(
+        **SHAPES[args.shape], vocab_size=args.vocab, max_position_embeddings=max(4096, args.seq_len)
+    )
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device("cpu"):
@@ -60,10 +86,17 @@ def main() -> None:
             "model": f"random-{args.shape}",
             "device": args.device,
             "calibration": {"samples": args.samples, "seq_len": args.seq_len},
-            "scheme": {"preset": args.scheme, "activations": {"bits": 4, "clip_ratio": 0.9}, "kv_cache": {"bits": 4, "clip_ratio": 0.95}}
+            "scheme": {
+                "preset": args.scheme,
+                "activations": {"bits": 4, "clip_ratio": 0.9},
+                "kv_cache": {"bits": 4, "clip_ratio": 0.95},
+            }
             if args.scheme == "W4A4KV4"
             else args.scheme,
-            "steps": ["rotate", {"gptq": {"act_order": True, "mse_clip": True, "batch_size": args.batch_size}}],
+            "steps": [
+                "rotate",
+                {"gptq": {"act_order": True, "mse_clip": True, "batch_size": args.batch_size}},
+            ],
         }
     )
     # rotation runs where the weights live; GPTQ moves one layer at a time to the device

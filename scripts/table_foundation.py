@@ -12,12 +12,24 @@ PC = {"bits": 4, "symmetric": True, "group_size": None}
 ROWS = [
     {"label": "FP32", "fp": "float32"},
     {"label": "BF16", "fp": "bfloat16"},
-    {"label": "W8A8 RTN (per-channel, per-token)", "recipe": {"scheme": {"preset": "W8A8"}, "steps": ["rtn"]}},
-    {"label": "W4A16-g64 RTN", "recipe": {"scheme": {"preset": "W4A16", "weights": {"group_size": 64}}, "steps": ["rtn"]}},
-    {"label": "W4A16 per-channel RTN", "recipe": {"scheme": {"preset": "W4A16", "weights": PC}, "steps": ["rtn"]}},
+    {
+        "label": "W8A8 RTN (per-channel, per-token)",
+        "recipe": {"scheme": {"preset": "W8A8"}, "steps": ["rtn"]},
+    },
+    {
+        "label": "W4A16-g64 RTN",
+        "recipe": {"scheme": {"preset": "W4A16", "weights": {"group_size": 64}}, "steps": ["rtn"]},
+    },
+    {
+        "label": "W4A16 per-channel RTN",
+        "recipe": {"scheme": {"preset": "W4A16", "weights": PC}, "steps": ["rtn"]},
+    },
     {
         "label": "W4A16-g32-asym RTN (GGUF grid, see note)",
-        "recipe": {"scheme": {"preset": "W4A16", "weights": {"group_size": 32, "symmetric": False}}, "steps": ["rtn"]},
+        "recipe": {
+            "scheme": {"preset": "W4A16", "weights": {"group_size": 32, "symmetric": False}},
+            "steps": ["rtn"],
+        },
     },
     {"label": "W4A4 RTN", "recipe": {"scheme": {"preset": "W4A4", "weights": PC}, "steps": ["rtn"]}},
     {"label": "W4KV4 RTN", "recipe": {"scheme": {"preset": "W4KV4", "weights": PC}, "steps": ["rtn"]}},

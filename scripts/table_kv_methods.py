@@ -40,7 +40,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--limit", type=int, default=8, help="first N WikiText-2 test windows")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (GPTQ, kv_smooth, IntactKV)")
+    p.add_argument(
+        "--calib-samples", type=int, default=16, help="calibration windows (GPTQ, kv_smooth, IntactKV)"
+    )
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--learn-epochs", type=int, default=1, help="kv_smooth cross-block learning epochs")
     p.add_argument("--intactkv-steps", type=int, default=16, help="calibrated IntactKV optimizer steps")
@@ -48,11 +50,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--intactkv-samples", type=int, default=8, help="calibrated IntactKV windows")
     p.add_argument("--intactkv-seq-len", type=int, default=128)
     p.add_argument("--intactkv-batch", type=int, default=2)
-    p.add_argument("--gptq-one-pass", action="store_true",
-                   help="GPTQ without true-sequential groups (one Hessian pass per layer; faster on a busy CPU)")
-    p.add_argument("--weights", choices=["gptq", "rtn"], default="gptq",
-                   help="weight step of every row: the recipes' GPTQ, or RTN with MSE clip search (same grid; "
-                        "for a CPU too busy for GPTQ's column loop)")
+    p.add_argument(
+        "--gptq-one-pass",
+        action="store_true",
+        help="GPTQ without true-sequential groups (one Hessian pass per layer; faster on a busy CPU)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["gptq", "rtn"],
+        default="gptq",
+        help="weight step of every row: the recipes' GPTQ, or RTN with MSE clip search (same grid; "
+        "for a CPU too busy for GPTQ's column loop)",
+    )
     p.add_argument("--chat", default=str(REPO / "tests" / "data" / "chat_set.jsonl"))
     p.add_argument("--out", default="table_kv_methods", help="output stem under results/")
     return p.parse_args()
@@ -66,10 +75,16 @@ def recipe_from(path: str, args, edit=None):
 
     data = yaml.safe_load((REPO / path).read_text())
     data.update(model=args.model, device="cpu", output=None)
-    data["calibration"] = {**data.get("calibration", {}), "samples": args.calib_samples, "seq_len": args.calib_seq_len}
+    data["calibration"] = {
+        **data.get("calibration", {}),
+        "samples": args.calib_samples,
+        "seq_len": args.calib_seq_len,
+    }
     data["steps"] = [s for s in data["steps"] if s != "export"]
     if args.weights == "rtn":
-        data["steps"] = [{"rtn": {"mse_clip": True}} if isinstance(s, dict) and "gptq" in s else s for s in data["steps"]]
+        data["steps"] = [
+            {"rtn": {"mse_clip": True}} if isinstance(s, dict) and "gptq" in s else s for s in data["steps"]
+        ]
     if args.gptq_one_pass:
         for s in data["steps"]:
             if isinstance(s, dict) and "gptq" in s:
@@ -104,7 +119,10 @@ def chat_nll(model, convs, tok, mode: str, fp=None) -> float:
             else:
                 pre = compute_prefix_cache(fp if mode == "intactkv-p" else model, ids[:n_sys])
                 cache = pre.as_cache(1, next(model.parameters()).dtype, "cpu")
-                logits, start = model(input_ids=torch.tensor([ids[n_sys:]]), cache=cache, use_cache=True).logits[0], n_sys
+                logits, start = (
+                    model(input_ids=torch.tensor([ids[n_sys:]]), cache=cache, use_cache=True).logits[0],
+                    n_sys,
+                )
         for pos in range(max(start, 1), len(ids)):
             if mask[pos]:
                 lp = torch.log_softmax(logits[pos - 1 - start].float(), -1)[ids[pos]]
@@ -132,10 +150,22 @@ def main() -> None:
 
     def ppl_row(label: str, model, tok, note: str = "", quantize_s: float = 0.0, group: str = "") -> float:
         res = perplexity(model, tok, "wikitext2", args.seq_len, args.limit, 1, "bos")
-        rows.append({"label": label, "ppl": res.ppl, "nll_per_window": res.nll_per_window, "eval_s": res.seconds,
-                     "quantize_s": quantize_s, "note": note, "group": group,
-                     "pivot": getattr(getattr(model, "qtool_pivot", None), "token_ids", None)})
-        print(f"{label:<60} ppl {res.ppl:9.4f}  eval {res.seconds:6.0f}s  total {time.perf_counter() - t_start:6.0f}s", flush=True)
+        rows.append(
+            {
+                "label": label,
+                "ppl": res.ppl,
+                "nll_per_window": res.nll_per_window,
+                "eval_s": res.seconds,
+                "quantize_s": quantize_s,
+                "note": note,
+                "group": group,
+                "pivot": getattr(getattr(model, "qtool_pivot", None), "token_ids", None),
+            }
+        )
+        print(
+            f"{label:<60} ppl {res.ppl:9.4f}  eval {res.seconds:6.0f}s  total {time.perf_counter() - t_start:6.0f}s",
+            flush=True,
+        )
         write(args, rows, chat, out)
         return res.ppl
 
@@ -160,9 +190,22 @@ def main() -> None:
     t0 = time.perf_counter()
     ctx = run_recipe(recipe_from("recipes/smollm2-w4a16-gptq.yaml", args), export=False)
     q = time.perf_counter() - t0
-    ppl_row(f"W4A16 {wq}-g64 (reference, 16-bit KV)", ctx.model, ctx.tokenizer, "recipes/smollm2-w4a16-gptq.yaml", q, "w4a16")
+    ppl_row(
+        f"W4A16 {wq}-g64 (reference, 16-bit KV)",
+        ctx.model,
+        ctx.tokenizer,
+        "recipes/smollm2-w4a16-gptq.yaml",
+        q,
+        "w4a16",
+    )
     set_kv(ctx.model, KVScheme(bits=4))
-    ppl_row(f"W4KV4: {wq}-g64 weights, KV4 RTN (per token/head, asym)", ctx.model, ctx.tokenizer, "same weights as W4A16", group="w4kv4")
+    ppl_row(
+        f"W4KV4: {wq}-g64 weights, KV4 RTN (per token/head, asym)",
+        ctx.model,
+        ctx.tokenizer,
+        "same weights as W4A16",
+        group="w4kv4",
+    )
     set_kv(ctx.model, KVScheme(bits=4, past_only=True))
     ppl_row("W4KV4 + past-only", ctx.model, ctx.tokenizer, "same weights as W4A16", group="w4kv4")
     del ctx
@@ -173,23 +216,44 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ctx = run_recipe(recipe_from("recipes/smollm2-w4kv4-wkvquant.yaml", args, no_learn), export=False)
-    ppl_row("W4KV4 + past-only + kv_smooth (statistics)", ctx.model, ctx.tokenizer, "kv_smooth without learn",
-            time.perf_counter() - t0, "w4kv4")
+    ppl_row(
+        "W4KV4 + past-only + kv_smooth (statistics)",
+        ctx.model,
+        ctx.tokenizer,
+        "kv_smooth without learn",
+        time.perf_counter() - t0,
+        "w4kv4",
+    )
     del ctx
 
     # full WKVQuant recipe: + learned smoothing with the cross-block loss, then IntactKV-B
     def learn(d):
         for s in d["steps"]:
             if isinstance(s, dict) and "kv_smooth" in s:
-                s["kv_smooth"]["learn"].update(samples=args.calib_samples, seq_len=args.calib_seq_len, epochs=args.learn_epochs)
+                s["kv_smooth"]["learn"].update(
+                    samples=args.calib_samples, seq_len=args.calib_seq_len, epochs=args.learn_epochs
+                )
 
     t0 = time.perf_counter()
     ctx = run_recipe(recipe_from("recipes/smollm2-w4kv4-wkvquant.yaml", args, learn), export=False)
-    ppl_row("W4KV4 + past-only + kv_smooth learned, cross-block (WKVQuant recipe)", ctx.model, ctx.tokenizer,
-            "recipes/smollm2-w4kv4-wkvquant.yaml", time.perf_counter() - t0, "w4kv4")
+    ppl_row(
+        "W4KV4 + past-only + kv_smooth learned, cross-block (WKVQuant recipe)",
+        ctx.model,
+        ctx.tokenizer,
+        "recipes/smollm2-w4kv4-wkvquant.yaml",
+        time.perf_counter() - t0,
+        "w4kv4",
+    )
     t0 = time.perf_counter()
     IntactKV().apply(ctx)
-    ppl_row("  + IntactKV-B", ctx.model, ctx.tokenizer, "pivot [BOS] from the FP model", time.perf_counter() - t0, "w4kv4")
+    ppl_row(
+        "  + IntactKV-B",
+        ctx.model,
+        ctx.tokenizer,
+        "pivot [BOS] from the FP model",
+        time.perf_counter() - t0,
+        "w4kv4",
+    )
     chat_rows("W4KV4 WKVQuant recipe", ctx.model, ctx.tokenizer, fp_reference(ctx))
     del ctx
 
@@ -199,17 +263,36 @@ def main() -> None:
     q = time.perf_counter() - t0
     pivot = ctx.model.qtool_pivot
     ctx.model.qtool_pivot = None
-    ppl_row(f"W4A4KV4 rotate + {wq} (BOS recomputed by the quantized model)", ctx.model, ctx.tokenizer,
-            "recipes/smollm2-w4a4kv4-intactkv.yaml without its pivot", q, "w4a4kv4")
+    ppl_row(
+        f"W4A4KV4 rotate + {wq} (BOS recomputed by the quantized model)",
+        ctx.model,
+        ctx.tokenizer,
+        "recipes/smollm2-w4a4kv4-intactkv.yaml without its pivot",
+        q,
+        "w4a4kv4",
+    )
     ctx.model.qtool_pivot = pivot
-    ppl_row("  + IntactKV-B", ctx.model, ctx.tokenizer, "recipes/smollm2-w4a4kv4-intactkv.yaml", group="w4a4kv4")
+    ppl_row(
+        "  + IntactKV-B", ctx.model, ctx.tokenizer, "recipes/smollm2-w4a4kv4-intactkv.yaml", group="w4a4kv4"
+    )
     chat_rows(f"W4A4KV4 rotate + {wq}", ctx.model, ctx.tokenizer, fp_reference(ctx))
     t0 = time.perf_counter()
-    cal = CalibrateOptions(steps=args.intactkv_steps, lr=args.intactkv_lr, samples=args.intactkv_samples,
-                           seq_len=args.intactkv_seq_len, batch_size=args.intactkv_batch)
+    cal = CalibrateOptions(
+        steps=args.intactkv_steps,
+        lr=args.intactkv_lr,
+        samples=args.intactkv_samples,
+        seq_len=args.intactkv_seq_len,
+        batch_size=args.intactkv_batch,
+    )
     IntactKV(calibrate=cal).apply(ctx)
-    ppl_row("  + calibrated IntactKV-B", ctx.model, ctx.tokenizer,
-            f"{cal.steps} steps, lr {cal.lr}, {cal.samples} x {cal.seq_len}", time.perf_counter() - t0, "w4a4kv4")
+    ppl_row(
+        "  + calibrated IntactKV-B",
+        ctx.model,
+        ctx.tokenizer,
+        f"{cal.steps} steps, lr {cal.lr}, {cal.samples} x {cal.seq_len}",
+        time.perf_counter() - t0,
+        "w4a4kv4",
+    )
     write(args, rows, chat, out, done=True, seconds=time.perf_counter() - t_start)
 
 
@@ -225,10 +308,19 @@ def write(args, rows, chat, out: Path, done: bool = False, seconds: float | None
         "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens, wikitext2 (mirror: validation split), seed 0",
         "kv_smooth_learn_epochs": args.learn_epochs,
         "gptq_true_sequential": not args.gptq_one_pass,
-        "weight_step": "gptq (as in the recipes)" if args.weights == "gptq" else "rtn with MSE clip search instead of gptq",
-        "intactkv_calibration": {"steps": args.intactkv_steps, "lr": args.intactkv_lr, "samples": args.intactkv_samples,
-                                 "seq_len": args.intactkv_seq_len, "batch_size": args.intactkv_batch},
-        "chat_set": str(Path(args.chat).relative_to(REPO)) if Path(args.chat).is_relative_to(REPO) else args.chat,
+        "weight_step": "gptq (as in the recipes)"
+        if args.weights == "gptq"
+        else "rtn with MSE clip search instead of gptq",
+        "intactkv_calibration": {
+            "steps": args.intactkv_steps,
+            "lr": args.intactkv_lr,
+            "samples": args.intactkv_samples,
+            "seq_len": args.intactkv_seq_len,
+            "batch_size": args.intactkv_batch,
+        },
+        "chat_set": str(Path(args.chat).relative_to(REPO))
+        if Path(args.chat).is_relative_to(REPO)
+        else args.chat,
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "versions": versions(),
@@ -249,25 +341,35 @@ def write(args, rows, chat, out: Path, done: bool = False, seconds: float | None
         if "IntactKV" in r["label"] and i > 0:
             prev = rows[i - 1]
             verdict = "lower" if r["ppl"] < prev["ppl"] else "NOT lower"
-            checks.append(f"{r['label'].strip()} vs {prev['label'].strip()}: {prev['ppl']:.3f} -> {r['ppl']:.3f} ({verdict})")
+            checks.append(
+                f"{r['label'].strip()} vs {prev['label'].strip()}: {prev['ppl']:.3f} -> {r['ppl']:.3f} ({verdict})"
+            )
     wkv = by.get("W4KV4 + past-only + kv_smooth learned, cross-block (WKVQuant recipe)")
     if wkv and ref:
         checks.append(f"WKVQuant recipe / W4A16 = {wkv / ref:.4f} (target <= 1.03)")
     lines += ["", *[f"- {c}" for c in checks]]
     if chat:
-        lines += ["", "| model (chat set: assistant-token NLL) | all KV quantized | system KV 16-bit (own, BiSup) |"
-                  " system KV 16-bit (FP model, IntactKV-P) |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| model (chat set: assistant-token NLL) | all KV quantized | system KV 16-bit (own, BiSup) |"
+            " system KV 16-bit (FP model, IntactKV-P) |",
+            "|---|---:|---:|---:|",
+        ]
         for c in chat:
             f = [f"{c[m]:.4f}" if m in c else "-" for m in ("quantized", "mixed", "intactkv-p")]
             lines.append(f"| {c['model']} | {' | '.join(f)} |")
-    lines += ["", f"{prov['model']}, {prov['data']}, seq len {prov['seq_len']}, {prov['windows']} windows, prefix "
-              f"{prov['prefix']}, weights {prov['weight_step']}, calibration {prov['calibration']}, chat set {prov['chat_set']}, {prov['device']} "
-              f"({prov['threads']} threads), torch {prov['versions']['torch']}, transformers "
-              f"{prov['versions']['transformers']}, qtool {prov['versions']['qtool']}. Command: `{prov['command']}`"
-              + ("" if done else " (incomplete: still running or interrupted)")]
+    lines += [
+        "",
+        f"{prov['model']}, {prov['data']}, seq len {prov['seq_len']}, {prov['windows']} windows, prefix "
+        f"{prov['prefix']}, weights {prov['weight_step']}, calibration {prov['calibration']}, chat set {prov['chat_set']}, {prov['device']} "
+        f"({prov['threads']} threads), torch {prov['versions']['torch']}, transformers "
+        f"{prov['versions']['transformers']}, qtool {prov['versions']['qtool']}. Command: `{prov['command']}`"
+        + ("" if done else " (incomplete: still running or interrupted)"),
+    ]
     stem = out / args.out
-    stem.with_suffix(".json").write_text(json.dumps({"provenance": prov, "rows": rows, "chat": chat,
-                                                     "checks": checks}, indent=2, default=str))
+    stem.with_suffix(".json").write_text(
+        json.dumps({"provenance": prov, "rows": rows, "chat": chat, "checks": checks}, indent=2, default=str)
+    )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -31,11 +31,18 @@ os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
 os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-W4A4KV4 = {"preset": "W4A4KV4", "weights": {"bits": 4, "group_size": None},
-           "activations": {"bits": 4, "clip_ratio": 0.9}, "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95}}
+W4A4KV4 = {
+    "preset": "W4A4KV4",
+    "weights": {"bits": 4, "group_size": None},
+    "activations": {"bits": 4, "clip_ratio": 0.9},
+    "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95},
+}
 # 576 = 4.5 x 128: the last group of the hidden-size inputs is ragged (64 wide); activations per token
-W3A3 = {"preset": "W3A3", "weights": {"bits": 3, "group_size": 128, "ragged": True},
-        "activations": {"bits": 3, "clip_ratio": 0.9}}
+W3A3 = {
+    "preset": "W3A3",
+    "weights": {"bits": 3, "group_size": 128, "ragged": True},
+    "activations": {"bits": 3, "clip_ratio": 0.9},
+}
 GPTQ = {"gptq": {"act_order": True, "mse_clip": True}}
 
 
@@ -45,16 +52,31 @@ def lrc(fraction: float, iterations: int) -> dict:
 
 def rows(args) -> list[tuple[str, str, dict | None, list]]:
     """(label, baseline label, scheme, steps)."""
-    bisup = {"bisup": {"samples": args.bisup_samples, "epochs": args.bisup_epochs, "lr": args.bisup_lr,
-                       "rank": args.bisup_rank}}
+    bisup = {
+        "bisup": {
+            "samples": args.bisup_samples,
+            "epochs": args.bisup_epochs,
+            "lr": args.bisup_lr,
+            "rank": args.bisup_rank,
+        }
+    }
     base = "W4A4KV4 rotate + GPTQ"
-    out: list[tuple[str, str, dict | None, list]] = [("FP (bf16 weights)", "", None, []), (base, base, W4A4KV4, ["rotate", GPTQ])]
+    out: list[tuple[str, str, dict | None, list]] = [
+        ("FP (bf16 weights)", "", None, []),
+        (base, base, W4A4KV4, ["rotate", GPTQ]),
+    ]
     for f in (0.05, 0.1, 0.2, 0.3):
         for it in (1, 3):
             out.append((f"+ lowrank {f:g} ({it} it)", base, W4A4KV4, ["rotate", lrc(f, it)]))
     out.append(("+ bisup", base, W4A4KV4, ["rotate", GPTQ, bisup]))
-    out.append((f"+ bisup + lowrank {args.full_fraction:g} + IntactKV", base, W4A4KV4,
-                ["rotate", lrc(args.full_fraction, 1), bisup, {"intactkv": {"pivot": "bos"}}]))
+    out.append(
+        (
+            f"+ bisup + lowrank {args.full_fraction:g} + IntactKV",
+            base,
+            W4A4KV4,
+            ["rotate", lrc(args.full_fraction, 1), bisup, {"intactkv": {"pivot": "bos"}}],
+        )
+    )
     w3 = "W3A3-g128 rotate + GPTQ"
     out.append((w3, w3, W3A3, ["rotate", GPTQ]))
     out.append((w3 + " + bisup", w3, W3A3, ["rotate", GPTQ, bisup]))
@@ -72,7 +94,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bisup-epochs", type=int, default=1)
     p.add_argument("--bisup-lr", type=float, default=2e-3)
     p.add_argument("--bisup-rank", type=int, default=8)
-    p.add_argument("--full-fraction", type=float, default=0.3, help="lowrank rank_fraction of the full recipe")
+    p.add_argument(
+        "--full-fraction", type=float, default=0.3, help="lowrank rank_fraction of the full recipe"
+    )
     p.add_argument("--only", default="", help="comma-separated substrings: run only rows whose label matches")
     p.add_argument("--out", default="table_lowrank_bisup", help="output stem under results/")
     return p.parse_args()
@@ -113,14 +137,29 @@ def main() -> int:
             r["gap_closed"] = None
             if fp is not None and b is not None and r is not b and b["ppl"] != fp:
                 r["gap_closed"] = (b["ppl"] - r["ppl"]) / (b["ppl"] - fp)
-        meta = {"model": args.model, "data": "wikitext-2-raw-v1 test, rows joined with \\n\\n", "seq_len": args.seq_len,
-                "windows": len(windows), "first_windows": True, "prefix": "BOS (unscored) before every window",
-                "calibration": f"{args.calib_samples} x {args.calib_seq_len} wikitext2 (train, else validation), seed 0",
-                "bisup": {"samples": args.bisup_samples, "epochs": args.bisup_epochs, "lr": args.bisup_lr, "rank": args.bisup_rank},
-                "device": "cpu", "threads": torch.get_num_threads(), "versions": versions()}
+        meta = {
+            "model": args.model,
+            "data": "wikitext-2-raw-v1 test, rows joined with \\n\\n",
+            "seq_len": args.seq_len,
+            "windows": len(windows),
+            "first_windows": True,
+            "prefix": "BOS (unscored) before every window",
+            "calibration": f"{args.calib_samples} x {args.calib_seq_len} wikitext2 (train, else validation), seed 0",
+            "bisup": {
+                "samples": args.bisup_samples,
+                "epochs": args.bisup_epochs,
+                "lr": args.bisup_lr,
+                "rank": args.bisup_rank,
+            },
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "versions": versions(),
+        }
         out = REPO / "results"
         out.mkdir(exist_ok=True)
-        (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2, default=str))
+        (out / f"{args.out}.json").write_text(
+            json.dumps({"meta": meta, "rows": results}, indent=2, default=str)
+        )
         (out / f"{args.out}.md").write_text(markdown(meta, results))
 
     results = []
@@ -134,8 +173,15 @@ def main() -> int:
         if scheme is None:
             row.update(checkpoint_bytes=fp_bytes, solve_seconds=0.0)
         else:
-            recipe = Recipe.model_validate({"model": args.model, "device": "cpu", "scheme": scheme, "steps": steps,
-                                            "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len}})
+            recipe = Recipe.model_validate(
+                {
+                    "model": args.model,
+                    "device": "cpu",
+                    "scheme": scheme,
+                    "steps": steps,
+                    "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len},
+                }
+            )
             prepare_model(model, recipe.scheme)
             ctx = Context(recipe=recipe, model=model, tokenizer=tok, device=torch.device("cpu"))
             ctx._calibration = calib
@@ -157,7 +203,9 @@ def main() -> int:
         row["eval_seconds"] = time.perf_counter() - t1
         results.append(row)
         write()
-        print(f"{label}: ppl {row['ppl']:.3f} ({row['solve_seconds']:.0f}s solve)", file=sys.stderr, flush=True)
+        print(
+            f"{label}: ppl {row['ppl']:.3f} ({row['solve_seconds']:.0f}s solve)", file=sys.stderr, flush=True
+        )
         del model
 
     write()
@@ -178,8 +226,10 @@ def markdown(meta: dict, results: list[dict]) -> str:
     for r in results:
         gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
         extra = f"{r['extra_parameters'] / 1e6:.2f} M" if r["extra_parameters"] else "0"
-        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {gap} | {extra} | {r['checkpoint_bytes'] / 1e6:.1f} MB | "
-                     f"{r['solve_seconds']:.0f} s |")
+        lines.append(
+            f"| {r['label']} | {r['ppl']:.2f} | {gap} | {extra} | {r['checkpoint_bytes'] / 1e6:.1f} MB | "
+            f"{r['solve_seconds']:.0f} s |"
+        )
     return "\n".join(lines) + "\n"
 
 

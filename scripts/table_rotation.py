@@ -29,10 +29,16 @@ ROWS = [
     {"label": "FP32", "fp": "float32"},
     {"label": "W4A4 RTN", "recipe": q("W4A4", PC, ["rtn"])},
     {"label": "W4A4KV4 RTN", "recipe": q("W4A4KV4", PC, ["rtn"])},
-    {"label": "rotate + RTN (mse clip) W4A4KV4", "recipe": q("W4A4KV4", PC, ["rotate", {"rtn": {"mse_clip": True}}], A4, KV4)},
+    {
+        "label": "rotate + RTN (mse clip) W4A4KV4",
+        "recipe": q("W4A4KV4", PC, ["rotate", {"rtn": {"mse_clip": True}}], A4, KV4),
+    },
     {"label": "rotate + GPTQ W4A4", "recipe": q("W4A4", PC, ["rotate", GPTQ], A4)},
     {"label": "rotate + GPTQ W4A4KV4", "recipe": q("W4A4KV4", PC, ["rotate", GPTQ], A4, KV4)},
-    {"label": "W4A16-g64 RTN", "recipe": q("W4A16", {"group_size": 64}, ["rtn"])},  # same recipe as the foundation table
+    {
+        "label": "W4A16-g64 RTN",
+        "recipe": q("W4A16", {"group_size": 64}, ["rtn"]),
+    },  # same recipe as the foundation table
     {"label": "W4A16-g64 GPTQ", "recipe": q("W4A16", G64, [GPTQ])},
     {"label": "W4A16 per-channel RTN", "recipe": q("W4A16", PC, ["rtn"])},
     {"label": "W4A16 per-channel GPTQ", "recipe": q("W4A16", PC, [GPTQ])},

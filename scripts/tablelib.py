@@ -42,7 +42,11 @@ def _fp_size_bytes(model) -> int:
 
 def _cached(row: dict, args, results_dir: Path) -> dict | None:
     """A row with the same recipe (or FP dtype) and protocol measured by an earlier run."""
-    want = {k: v for k, v in provenance(args).items() if k in ("model", "seq_len", "windows", "prefix", "calibration")}
+    want = {
+        k: v
+        for k, v in provenance(args).items()
+        if k in ("model", "seq_len", "windows", "prefix", "calibration")
+    }
     for f in sorted(results_dir.glob("*.json")):
         try:
             data = json.loads(f.read_text())
@@ -92,7 +96,11 @@ def run_rows(rows: list[dict], args, name: str) -> list[dict]:
             model, tok = ctx.model, ctx.tokenizer
             qsec = ctx.results["quantize_seconds"]
             size = ctx.results["export"]["bytes"]
-            extra = {k: v for k, v in ctx.results.items() if k in ("gptq", "lowrank", "bisup", "intactkv", "kv_smooth")}
+            extra = {
+                k: v
+                for k, v in ctx.results.items()
+                if k in ("gptq", "lowrank", "bisup", "intactkv", "kv_smooth")
+            }
             extra = {k: {kk: vv for kk, vv in v.items() if kk != "layer_errors"} for k, v in extra.items()}
         res = perplexity(model, tok, "wikitext2", args.seq_len, args.limit, 1, args.prefix)
         rec = {
@@ -106,7 +114,10 @@ def run_rows(rows: list[dict], args, name: str) -> list[dict]:
             "details": extra,
         }
         out.append(rec)
-        print(f"{row['label']:<40} ppl {res.ppl:9.3f}  size {size / 1e6:7.1f} MB  quantize {qsec:6.1f}s  eval {res.seconds:6.1f}s  ({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"{row['label']:<40} ppl {res.ppl:9.3f}  size {size / 1e6:7.1f} MB  quantize {qsec:6.1f}s  eval {res.seconds:6.1f}s  ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
         del model
         _write(out, args, results_dir / stem)
     return out
@@ -131,8 +142,13 @@ def provenance(args) -> dict:
 
 def _write(rows: list[dict], args, stem: Path) -> None:
     fp = next((r["ppl"] for r in rows if r.get("fp_dtype") == "float32"), None)
-    stem.with_suffix(".json").write_text(json.dumps({"provenance": provenance(args), "rows": rows}, indent=2, default=str))
-    lines = ["| scheme | ppl | ppl / FP32 | checkpoint MB | quantize s | eval s |", "|---|---:|---:|---:|---:|---:|"]
+    stem.with_suffix(".json").write_text(
+        json.dumps({"provenance": provenance(args), "rows": rows}, indent=2, default=str)
+    )
+    lines = [
+        "| scheme | ppl | ppl / FP32 | checkpoint MB | quantize s | eval s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"
         lines.append(

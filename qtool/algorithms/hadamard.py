@@ -174,12 +174,15 @@ def _goethals_seidel(t: int) -> torch.Tensor | None:
         if quad is None:
             continue
         a, b, c, d = (_circulant(r) for r in quad)
-        h = torch.cat([
-            torch.cat([a, b.flip(1), c.flip(1), d.flip(1)], 1),
-            torch.cat([-b.flip(1), a, d.T.flip(1), -c.T.flip(1)], 1),
-            torch.cat([-c.flip(1), -d.T.flip(1), a, b.T.flip(1)], 1),
-            torch.cat([-d.flip(1), c.T.flip(1), -b.T.flip(1), a], 1),
-        ], 0)
+        h = torch.cat(
+            [
+                torch.cat([a, b.flip(1), c.flip(1), d.flip(1)], 1),
+                torch.cat([-b.flip(1), a, d.T.flip(1), -c.T.flip(1)], 1),
+                torch.cat([-c.flip(1), -d.T.flip(1), a, b.T.flip(1)], 1),
+                torch.cat([-d.flip(1), c.T.flip(1), -b.T.flip(1), a], 1),
+            ],
+            0,
+        )
         assert torch.equal(h @ h.T, 4 * t * torch.eye(4 * t, dtype=torch.float64)), "GS array broken"
         return h
     return None

@@ -91,7 +91,11 @@ def load_rows(dataset: str, split: str) -> list[str]:
         import datasets
 
         if "data_files" in info:
-            ds = datasets.load_dataset("json", data_files={split: f"hf://datasets/{info['path']}/{info['data_files'][split]}"}, split=split)
+            ds = datasets.load_dataset(
+                "json",
+                data_files={split: f"hf://datasets/{info['path']}/{info['data_files'][split]}"},
+                split=split,
+            )
         else:
             ds = datasets.load_dataset(info["path"], info["name"], split=split)
         return list(ds["text"])
@@ -114,7 +118,9 @@ def resolve_calibration_split(dataset: str, split: str) -> str:
     return chosen
 
 
-def calibration_windows(tokenizer, dataset: str, split: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, dataset: str, split: str, samples: int, seq_len: int, seed: int
+) -> torch.Tensor:
     """``samples`` random windows of ``seq_len`` tokens, ``[samples, seq_len]`` int64, seeded.
 
     The rows are joined with ``"\\n\\n"`` and tokenized once, as for evaluation; windows start at

@@ -34,7 +34,9 @@ def register_runtime_loader(name: str):
     return wrap
 
 
-def _unpack(tensors: dict, prefix: str, spec, fmt: str, out_features: int, in_features: int) -> QuantizedWeight:
+def _unpack(
+    tensors: dict, prefix: str, spec, fmt: str, out_features: int, in_features: int
+) -> QuantizedWeight:
     if fmt == "gptq":
         codes = unpack_gptq(tensors.pop(f"{prefix}.qweight"), in_features)
         scale = tensors.pop(f"{prefix}.scales").float().t().contiguous()
@@ -45,7 +47,9 @@ def _unpack(tensors: dict, prefix: str, spec, fmt: str, out_features: int, in_fe
     shape_t = tensors.pop(f"{prefix}.weight_shape", None)
     shape = shape_t.tolist() if shape_t is not None else list(tensors[f"{prefix}.weight"].shape)
     if shape != [out_features, in_features]:
-        raise QtoolError(f"{prefix}: weight_shape {shape} does not match the model ({out_features}, {in_features})")
+        raise QtoolError(
+            f"{prefix}: weight_shape {shape} does not match the model ({out_features}, {in_features})"
+        )
     if spec.bits == 4:
         codes = unpack_int4(tensors.pop(f"{prefix}.weight_packed"), in_features)
     else:
@@ -102,7 +106,9 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "aut
         raise QtoolError(f"{path}: checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     unexpected = set(tensors) - set(model.state_dict())
     if unexpected:
-        raise QtoolError(f"{path}: checkpoint has {len(unexpected)} tensors the model lacks, e.g. {sorted(unexpected)[:3]}")
+        raise QtoolError(
+            f"{path}: checkpoint has {len(unexpected)} tensors the model lacks, e.g. {sorted(unexpected)[:3]}"
+        )
     model.load_state_dict(tensors, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -96,6 +96,8 @@ def load_lora(model, meta: dict, path: str | Path) -> None:
         module.set_lowrank(b.to(w.device, w.dtype), a.t().contiguous().to(w.device, w.dtype))
         corrected += 1
     if tensors:
-        raise QtoolError(f"{path}/{ADAPTER_FILE}: {len(tensors)} factors match no module, e.g. {sorted(tensors)[:2]}")
+        raise QtoolError(
+            f"{path}/{ADAPTER_FILE}: {len(tensors)} factors match no module, e.g. {sorted(tensors)[:2]}"
+        )
     if corrected == 0:
         raise QtoolError(f"{path}/{ADAPTER_FILE} holds no LoRA factors")

@@ -40,7 +40,9 @@ FORMATS = ("compressed-tensors", "gptq")
 def check_output(path: str | Path, overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
-        raise QtoolError(f"output folder {path} exists; pass --overwrite to replace it or choose another --output")
+        raise QtoolError(
+            f"output folder {path} exists; pass --overwrite to replace it or choose another --output"
+        )
     if path.exists() and not path.is_dir():
         raise QtoolError(f"output {path} exists and is not a folder")
     return path
@@ -48,7 +50,9 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
 
 def _ct_args(spec, dynamic: bool, strategy: str | None = None) -> dict[str, Any]:
     if strategy is None:
-        strategy = {"channel": "channel", "group": "group", "token": "token", "tensor": "tensor"}[spec.granularity]
+        strategy = {"channel": "channel", "group": "group", "token": "token", "tensor": "tensor"}[
+            spec.granularity
+        ]
     return {
         "num_bits": spec.bits,
         "type": "int",
@@ -77,7 +81,9 @@ def quantization_config(scheme, fmt: str) -> dict[str, Any]:
     group: dict[str, Any] = {
         "targets": [f"re:.*\\.{name}$" for name in scheme.targets],
         "weights": _ct_args(w, dynamic=False) if w else None,
-        "input_activations": _ct_args(scheme.activations.spec(), dynamic=True) if scheme.activations else None,
+        "input_activations": _ct_args(scheme.activations.spec(), dynamic=True)
+        if scheme.activations
+        else None,
         "output_activations": None,
     }
     packed = w is not None and w.bits == 4
@@ -123,7 +129,7 @@ def checkpoint_tensors(model, fmt: str, dtype: torch.dtype) -> dict[str, torch.T
     """The state dict as written: quantized linears packed, the rest cast to ``dtype``."""
     tensors: dict[str, torch.Tensor] = {}
     quantized = set()
-    for i, name, lin in iter_qlinears(model):
+    for _, _, lin in iter_qlinears(model):
         if lin.qweight is None:
             continue
         prefix = _module_name(model, lin)

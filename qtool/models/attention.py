@@ -97,7 +97,9 @@ def attend(
     if past_only_kv is None:
         if mask is None and s == t:
             return F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=scaling)
-        return F.scaled_dot_product_attention(q, kr, vr, attn_mask=_bool_mask(mask, t, s, q.device), scale=scaling)
+        return F.scaled_dot_product_attention(
+            q, kr, vr, attn_mask=_bool_mask(mask, t, s, q.device), scale=scaling
+        )
     k_cur, v_cur = (repeat_kv(x, groups) for x in past_only_kv)
     scores = torch.matmul(q.float(), kr.float().transpose(-1, -2)) * scaling
     diag = (q.float() * k_cur.float()).sum(-1) * scaling  # [B, H, T]

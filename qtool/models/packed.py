@@ -34,9 +34,7 @@ def packable(lin: QLinear) -> bool:
     if lin.act_spec is None:
         return True
     a = lin.act_spec
-    return (
-        a.bits == 4 and a.granularity == "token" and qw.spec.symmetric and qw.spec.granularity == "channel"
-    )
+    return a.bits == 4 and a.granularity == "token" and qw.spec.symmetric and qw.spec.granularity == "channel"
 
 
 class PackedLinear(nn.Module):

@@ -28,7 +28,10 @@ class PivotCache:
     def as_cache(self, batch: int, dtype: torch.dtype, device) -> DynamicCache:
         """A fresh DynamicCache holding the prefix, expanded to ``batch`` sequences."""
         data = [
-            (k.to(device, dtype).expand(batch, -1, -1, -1).contiguous(), v.to(device, dtype).expand(batch, -1, -1, -1).contiguous())
+            (
+                k.to(device, dtype).expand(batch, -1, -1, -1).contiguous(),
+                v.to(device, dtype).expand(batch, -1, -1, -1).contiguous(),
+            )
             for k, v in zip(self.keys, self.values, strict=True)
         ]
         return DynamicCache(ddp_cache_data=data)
@@ -105,7 +108,11 @@ def compute_prefix_cache(
         with kv_quant_disabled(model):
             model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     keys, values = cache_tensors(cache)
-    rnd = (lambda x: x.detach().float().cpu()) if dtype is None else (lambda x: x.detach().to(dtype).float().cpu())
+    rnd = (
+        (lambda x: x.detach().float().cpu())
+        if dtype is None
+        else (lambda x: x.detach().to(dtype).float().cpu())
+    )
     return PivotCache(token_ids, [rnd(k[:1]) for k in keys], [rnd(v[:1]) for v in values])
 
 
@@ -117,7 +124,9 @@ def save_pivot(pivot: PivotCache, path, dtype: torch.dtype = torch.bfloat16) -> 
     for i, (k, v) in enumerate(zip(pivot.keys, pivot.values, strict=True)):
         tensors[f"layers.{i}.key"] = k.detach().to(dtype).cpu().contiguous()
         tensors[f"layers.{i}.value"] = v.detach().to(dtype).cpu().contiguous()
-    save_file(tensors, str(path), metadata={"token_ids": json.dumps(list(pivot.token_ids)), "format": "qtool-pivot"})
+    save_file(
+        tensors, str(path), metadata={"token_ids": json.dumps(list(pivot.token_ids)), "format": "qtool-pivot"}
+    )
 
 
 def load_pivot(path) -> PivotCache:

@@ -36,8 +36,10 @@ def prepare_model(model: nn.Module, scheme) -> nn.Module:
             f"scheme.targets names {sorted(unknown)}, which are not decoder linears; "
             f"choose from {', '.join(adapter.linear_names())}"
         )
-    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
-        model.config.hidden_size // model.config.num_attention_heads
+    head_dim = (
+        model.config.head_dim
+        if getattr(model.config, "head_dim", None)
+        else (model.config.hidden_size // model.config.num_attention_heads)
     )
     if kv is not None:
         kv.spec().check_width(head_dim, "head_dim (the KV group size must divide it)")

@@ -129,9 +129,7 @@ def _expand(p: torch.Tensor, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
     return full.reshape(x.shape)
 
 
-def quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec
-) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """Integer codes (int8, signed) of ``x`` under ``scale``/``zero``."""
     s = _expand(scale, x, spec)
     z = _expand(zero.float(), x, spec)
@@ -139,9 +137,7 @@ def quantize(
     return q.clamp(spec.qmin, spec.qmax).to(torch.int8)
 
 
-def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec
-) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """``(q - z) * s`` in float32."""
     s = _expand(scale, q, spec)
     z = _expand(zero.float(), q, spec)

@@ -41,9 +41,13 @@ def parse_step(raw: Any, index: int) -> StepConfig:
         name, options = next(iter(raw.items()))
         options = options or {}
     else:
-        raise StepError(f"step {index + 1}: write a step as `name` or `name: {{options}}`, got {raw!r}", index)
+        raise StepError(
+            f"step {index + 1}: write a step as `name` or `name: {{options}}`, got {raw!r}", index
+        )
     if name not in STEPS:
-        raise StepError(f"step {index + 1}: unknown step {name!r}; known steps: {', '.join(sorted(STEPS))}", index)
+        raise StepError(
+            f"step {index + 1}: unknown step {name!r}; known steps: {', '.join(sorted(STEPS))}", index
+        )
     if not isinstance(options, dict):
         raise StepError(f"step {index + 1} `{name}`: options must be a mapping, got {options!r}", index, name)
     try:
@@ -55,7 +59,9 @@ def parse_step(raw: Any, index: int) -> StepConfig:
             msg = f"unknown key {key!r}; allowed keys: {', '.join(STEPS[name].model_fields)}"
         else:
             msg = f"{key}: {err['msg']}"
-        raise StepError(f"step {index + 1} `{name}`: {msg}", index, name, str(err["loc"][0]) if err["loc"] else None) from None
+        raise StepError(
+            f"step {index + 1} `{name}`: {msg}", index, name, str(err["loc"][0]) if err["loc"] else None
+        ) from None
 
 
 _BUILTINS_LOADED = False

@@ -40,7 +40,9 @@ class Context:
         """``[samples, seq_len]`` token ids, drawn once per run (seeded)."""
         if self._calibration is None:
             c = self.recipe.calibration
-            self._calibration = calibration_windows(self.tokenizer, c.dataset, c.split, c.samples, c.seq_len, c.seed)
+            self._calibration = calibration_windows(
+                self.tokenizer, c.dataset, c.split, c.samples, c.seq_len, c.seed
+            )
             logger.info("calibration: %d x %d tokens from %s", c.samples, c.seq_len, c.dataset)
         return self._calibration
 

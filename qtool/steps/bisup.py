@@ -154,8 +154,10 @@ def _ste_kv(state):
         sc = 1.0 if scale is None else scale[None, :, None, :].to(x.dtype)
         return fq((x - sh) / sc, spec) * sc + sh
 
-    return lambda k, v: (one(k, state.k_spec, state.k_shift, state.k_scale),
-                         one(v, state.v_spec, state.v_shift, state.v_scale))
+    return lambda k, v: (
+        one(k, state.k_spec, state.k_shift, state.k_scale),
+        one(v, state.v_spec, state.v_shift, state.v_scale),
+    )
 
 
 def _fp_reference(ctx, step):
@@ -185,7 +187,9 @@ class BiSup(StepConfig):
     rank: int = Field(8, ge=0, description="rank of the low-rank compensation A B folded into W (0 = none)")
     reg: float = Field(1e-2, ge=0.0, description="weight of the smoothing regularizer |s - 1|^2")
     clip: bool = Field(True, description="learn per-group clip ratios")
-    smooth: bool = Field(True, description="learn smoothing factors where they fold (norm->q/k/v, norm->gate/up, v->o)")
+    smooth: bool = Field(
+        True, description="learn smoothing factors where they fold (norm->q/k/v, norm->gate/up, v->o)"
+    )
     targets: list[str] | None = Field(None, description="linears to train (default: scheme.targets)")
     offload: bool = Field(True, description="keep calibration activations on the CPU")
 
@@ -195,7 +199,9 @@ class BiSup(StepConfig):
             raise ValueError("`bisup` needs scheme.weights")
         fp_model = _fp_reference(ctx, self)
         spec = w.spec()
-        targets = set(self.targets if self.targets is not None else ctx.scheme.targets) & set(ctx.scheme.targets)
+        targets = set(self.targets if self.targets is not None else ctx.scheme.targets) & set(
+            ctx.scheme.targets
+        )
         runner = LayerwiseRunner(ctx, self.batch_size, self.offload, fp_stream=True)
         if self.samples is not None:
             nb = -(-self.samples // self.batch_size)
@@ -205,12 +211,20 @@ class BiSup(StepConfig):
         start = time.perf_counter()
 
         def train_layer(i: int, layer) -> None:
-            report[f"layers.{i}"] = self._train_block(ctx, runner, layer, fp_layers[i].to(ctx.device), targets, spec)
+            report[f"layers.{i}"] = self._train_block(
+                ctx, runner, layer, fp_layers[i].to(ctx.device), targets, spec
+            )
 
         runner.run(train_layer, "bisup", fp_layers=fp_layers)
         seconds = time.perf_counter() - start
-        ctx.record("bisup", {"blocks": report, "solve_seconds": seconds, "trained_parameters":
-                             sum(r["trained_parameters"] for r in report.values())})
+        ctx.record(
+            "bisup",
+            {
+                "blocks": report,
+                "solve_seconds": seconds,
+                "trained_parameters": sum(r["trained_parameters"] for r in report.values()),
+            },
+        )
         logger.info("bisup: %d blocks in %.1fs", len(report), seconds)
 
     def _train_block(self, ctx, runner, layer, fp_layer, targets, spec) -> dict:
@@ -241,7 +255,9 @@ class BiSup(StepConfig):
             group = next((k for k, names in readers.items() if name in names), None)
             s_in = s_norm.get(group) if group else (s_o if name == "o_proj" else None)
             s_out = _Out(s_o, lin.out_features // hd) if (name == "v_proj" and s_o is not None) else None
-            wrappers[name] = BisupLinear(lin, spec, self.rank, s_in, s_out, divide_input=name != "o_proj").to(dev)
+            wrappers[name] = BisupLinear(lin, spec, self.rank, s_in, s_out, divide_input=name != "o_proj").to(
+                dev
+            )
             adapter.set_linear(layer, name, wrappers[name])
         params = [p for wr in wrappers.values() for p in (wr.A, wr.B) if p is not None]
         if self.clip:
@@ -267,8 +283,12 @@ class BiSup(StepConfig):
 
         def block_mse() -> float:
             with torch.no_grad():
-                errs = [nn.functional.mse_loss(runner.run_layer(layer, x.to(runner.device)).float(),
-                                               y.to(runner.device).float()).item() for x, y in zip(runner.inputs, goal, strict=True)]
+                errs = [
+                    nn.functional.mse_loss(
+                        runner.run_layer(layer, x.to(runner.device)).float(), y.to(runner.device).float()
+                    ).item()
+                    for x, y in zip(runner.inputs, goal, strict=True)
+                ]
             return sum(errs) / max(len(errs), 1)
 
         before = block_mse()

@@ -37,7 +37,9 @@ class GPTQ(StepConfig):
     damp: float = Field(0.01, gt=0.0, description="damping as a share of mean(diag H)")
     act_order: bool = Field(False, description="quantize columns in descending diag(H) order (static groups)")
     mse_clip: bool = Field(True, description="MSE search of the weight clip ratio (QuaRot's setting)")
-    true_sequential: bool = Field(True, description="quantize q/k/v, o, gate/up, down one group after another")
+    true_sequential: bool = Field(
+        True, description="quantize q/k/v, o, gate/up, down one group after another"
+    )
     hessian_on_quantized_inputs: bool = Field(
         False, description="accumulate H from activation-quantized inputs instead of full-precision ones"
     )
@@ -63,21 +65,33 @@ class GPTQ(StepConfig):
                     continue
                 hess = {n: HessianAccumulator() for n in lins}
 
-                def add(name, x):
+                def add(name, x, hess=hess, lins=lins):
                     hess[name].add(hessian_input(lins[name], x, self.hessian_on_quantized_inputs))
 
                 with capture_inputs(lins, add):
                     runner.forward_all(layer)
                 for name, lin in lins.items():
                     res = gptq_quantize(
-                        lin.weight.data.float(), hess[name].H, spec, block_size=self.block_size, damp=self.damp,
-                        act_order=self.act_order, mse_clip=self.mse_clip, scale_dtype=ctx.scale_dtype,
+                        lin.weight.data.float(),
+                        hess[name].H,
+                        spec,
+                        block_size=self.block_size,
+                        damp=self.damp,
+                        act_order=self.act_order,
+                        mse_clip=self.mse_clip,
+                        scale_dtype=ctx.scale_dtype,
                     )
                     lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
                     errors[f"layers.{i}.{name}"] = res.loss
-                del hess
 
         runner.run(quantize_layer, "gptq")
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None
-        ctx.record("gptq", {"layer_errors": errors, "peak_gpu_memory_gb": peak, "solve_seconds": time.perf_counter() - start})
+        ctx.record(
+            "gptq",
+            {
+                "layer_errors": errors,
+                "peak_gpu_memory_gb": peak,
+                "solve_seconds": time.perf_counter() - start,
+            },
+        )
         logger.info("gptq: %d linears in %.1fs", len(errors), time.perf_counter() - start)

@@ -60,16 +60,25 @@ class IntactKV(StepConfig):
         pivot = compute_prefix_cache(fp, ids, dtype=ctx.scale_dtype)
         info: dict = {"pivot_tokens": ids, "calibrated": False}
         if self.calibrate is not None:
-            before, after, trained = calibrate_pivot(ctx.model, fp, pivot, ctx.calibration(), self.calibrate, ctx.device)
-            pivot = PivotCache(ids, [k.to(ctx.scale_dtype).float() for k in trained.keys],
-                               [v.to(ctx.scale_dtype).float() for v in trained.values])
+            before, after, trained = calibrate_pivot(
+                ctx.model, fp, pivot, ctx.calibration(), self.calibrate, ctx.device
+            )
+            pivot = PivotCache(
+                ids,
+                [k.to(ctx.scale_dtype).float() for k in trained.keys],
+                [v.to(ctx.scale_dtype).float() for v in trained.values],
+            )
             info.update(calibrated=True, loss_before=before, loss_after=after)
         ctx.model.qtool_pivot = pivot
         ctx.runtime["intactkv"] = {"pivot_tokens": ids, "sidecar": SIDECAR, "calibrated": info["calibrated"]}
         dtype = ctx.scale_dtype
-        ctx.runtime.setdefault("sidecars", {})[SIDECAR] = lambda path: save_pivot(ctx.model.qtool_pivot, path, dtype)
+        ctx.runtime.setdefault("sidecars", {})[SIDECAR] = lambda path: save_pivot(
+            ctx.model.qtool_pivot, path, dtype
+        )
         ctx.record("intactkv", {**info, "seconds_pivot": time.perf_counter() - start})
-        logger.info("intactkv: pivot of %d token(s)%s", len(ids), " (calibrated)" if info["calibrated"] else "")
+        logger.info(
+            "intactkv: pivot of %d token(s)%s", len(ids), " (calibrated)" if info["calibrated"] else ""
+        )
 
 
 def pivot_token_ids(tokenizer, pivot: str | list[int]) -> list[int]:
@@ -160,7 +169,8 @@ def capture_layer_outputs(model, out: list):
     """Append every decoder layer's output hidden states to ``out`` during forwards."""
     layers = get_adapter(model.config).layers(model)
     hooks = [
-        layer.register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o)) for layer in layers
+        layer.register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+        for layer in layers
     ]
     try:
         yield
@@ -186,20 +196,30 @@ def calibrate_pivot(model, fp, pivot: PivotCache, windows: torch.Tensor, opt: Ca
         for b in batches:
             outs: list = []
             with capture_layer_outputs(fp, outs):
-                fp(input_ids=b, cache=pivot.as_cache(b.shape[0], dtype, device), use_cache=True, logits_to_keep=1)
+                fp(
+                    input_ids=b,
+                    cache=pivot.as_cache(b.shape[0], dtype, device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             targets.append([o.detach() for o in outs])
 
     def loss_on(i: int) -> torch.Tensor:
         b = batches[i]
-        cache = PivotCache(pivot.token_ids, [k.expand(b.shape[0], -1, -1, -1) for k in keys],
-                           [v.expand(b.shape[0], -1, -1, -1) for v in values])
+        cache = PivotCache(
+            pivot.token_ids,
+            [k.expand(b.shape[0], -1, -1, -1) for k in keys],
+            [v.expand(b.shape[0], -1, -1, -1) for v in values],
+        )
         from transformers import DynamicCache
 
         dc = DynamicCache(ddp_cache_data=list(zip(cache.keys, cache.values, strict=True)))
         outs: list = []
         with capture_layer_outputs(model, outs):
             model(input_ids=b, cache=dc, use_cache=True, logits_to_keep=1)
-        return sum(torch.nn.functional.mse_loss(o.float(), t.float()) for o, t in zip(outs, targets[i], strict=True))
+        return sum(
+            torch.nn.functional.mse_loss(o.float(), t.float()) for o, t in zip(outs, targets[i], strict=True)
+        )
 
     model.requires_grad_(False)
     with straight_through(model), torch.enable_grad():
@@ -215,7 +235,9 @@ def calibrate_pivot(model, fp, pivot: PivotCache, windows: torch.Tensor, opt: Ca
         with torch.no_grad():
             final = sum(float(loss_on(i)) for i in range(len(batches))) / len(batches)
     logger.info("intactkv calibrate: layer-output MSE %.5g -> %.5g (last batch %.5g)", first, final, last)
-    out = PivotCache(pivot.token_ids, [k.detach().float().cpu() for k in keys], [v.detach().float().cpu() for v in values])
+    out = PivotCache(
+        pivot.token_ids, [k.detach().float().cpu() for k in keys], [v.detach().float().cpu() for v in values]
+    )
     return first, final, out
 
 

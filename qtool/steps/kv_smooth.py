@@ -54,7 +54,9 @@ class LearnOptions(Closed):
     batch_size: int = Field(4, ge=1)
     lr_smooth: float = Field(5e-3, gt=0.0, description="AdamW lr of the log-scales and shifts")
     lr_clip: float = Field(1e-3, gt=0.0, description="AdamW lr of the weight-clip logits")
-    learn_clip: bool = Field(False, description="learn a weight clip per row/group and quantize the weights with it")
+    learn_clip: bool = Field(
+        False, description="learn a weight clip per row/group and quantize the weights with it"
+    )
     cross_blocks: int = Field(1, ge=0, description="k: following full-precision blocks in the loss")
     own_weight: float = Field(1.0, ge=0.0, description="weight of the block's own output MAE")
     cross_weight: float = Field(1.0, ge=0.0, description="weight of the MAE after the next k blocks")
@@ -67,14 +69,18 @@ class KVSmooth(StepConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="scale = half-range ** alpha")
     shift: bool = Field(True, description="per-channel shifts (K and V)")
     fold: bool = Field(True, description="fold scales into q/k/v/o weights where possible")
-    learn: LearnOptions | None = Field(None, description="learn smoothing (and clipping) with the cross-block loss")
+    learn: LearnOptions | None = Field(
+        None, description="learn smoothing (and clipping) with the cross-block loss"
+    )
     batch_size: int = Field(8, ge=1, description="calibration windows per forward (statistics)")
 
     def apply(self, ctx) -> None:
         if ctx.scheme.kv_cache is None:
             raise ValueError("`kv_smooth` needs scheme.kv_cache (it smooths the quantized KV cache)")
         if any(lin.qweight is not None for _, _, lin in iter_qlinears(ctx.model)):
-            raise ValueError("`kv_smooth` folds into the weights: put it before the weight steps (rtn, gptq, ...)")
+            raise ValueError(
+                "`kv_smooth` folds into the weights: put it before the weight steps (rtn, gptq, ...)"
+            )
         start = time.perf_counter()
         model = ctx.model
         adapter = get_adapter(model.config)
@@ -99,7 +105,9 @@ class KVSmooth(StepConfig):
             params = init_smoothing(kmin, kmax, vmin, vmax, self.alpha, self.shift)
             clips = None
             if lo is not None:
-                params, hist, clips = learn_block(runner, i, layer, fp_layers, params, lo, ctx, fold_k, fold_v, self.shift)
+                params, hist, clips = learn_block(
+                    runner, i, layer, fp_layers, params, lo, ctx, fold_k, fold_v, self.shift
+                )
                 losses[f"layers.{i}"] = hist
             entry = {k: v.tolist() for k, v in params.items()}
             _apply_layer(layer, adapter, entry, fold_k, fold_v, fold=True)
@@ -112,10 +120,21 @@ class KVSmooth(StepConfig):
         ctx.runtime["kv_smooth"] = entry
         if ctx._fp_model is not None:  # keep an existing full-precision snapshot in the same basis
             apply_smoothing(ctx._fp_model, entry, fold=True)
-        ctx.record("kv_smooth", {"fold_k": fold_k, "fold_v": fold_v, "learn_losses": losses,
-                                 "seconds_smooth": time.perf_counter() - start})
-        logger.info("kv_smooth: %d layers (K scale %s, V scale %s)", len(layers_entry),
-                    "folded" if fold_k else "runtime", "folded" if fold_v else "runtime")
+        ctx.record(
+            "kv_smooth",
+            {
+                "fold_k": fold_k,
+                "fold_v": fold_v,
+                "learn_losses": losses,
+                "seconds_smooth": time.perf_counter() - start,
+            },
+        )
+        logger.info(
+            "kv_smooth: %d layers (K scale %s, V scale %s)",
+            len(layers_entry),
+            "folded" if fold_k else "runtime",
+            "folded" if fold_v else "runtime",
+        )
 
 
 # --- statistics and initialization (pure tensor math) --------------------------------------------
@@ -224,7 +243,9 @@ def learn_block(runner, i, layer, fp_layers, init, lo: LearnOptions, ctx, fold_k
     clips = {}
     if wspec is not None:
         for n, lin in lins.items():
-            clips[n] = torch.nn.Parameter(torch.full((lin.out_features, n_groups(lin.in_features, wspec)), 4.0, device=device))
+            clips[n] = torch.nn.Parameter(
+                torch.full((lin.out_features, n_groups(lin.in_features, wspec)), 4.0, device=device)
+            )
 
     def scales():
         sk = torch.cat([log_sk, log_sk], dim=-1).exp()
@@ -259,7 +280,9 @@ def learn_block(runner, i, layer, fp_layers, init, lo: LearnOptions, ctx, fold_k
         return b
 
     for n, lin in lins.items():
-        lin.forward = (lambda x, n=n, lin=lin: F.linear(lin.quantize_input(lin.prepare_input(x)), weight(n), bias(n)))
+        lin.forward = lambda x, n=n, lin=lin: F.linear(
+            lin.quantize_input(lin.prepare_input(x)), weight(n), bias(n)
+        )
     nxt = [fp_layers[j].to(device) for j in range(i + 1, min(i + 1 + lo.cross_blocks, len(fp_layers)))]
     fp_layer = fp_layers[i].to(device)
     groups_p = [{"params": [log_sk, log_sv] + ([k_shift, v_shift] if shift else []), "lr": lo.lr_smooth}]
@@ -304,8 +327,12 @@ def learn_block(runner, i, layer, fp_layers, init, lo: LearnOptions, ctx, fold_k
             del lin.forward
     with torch.no_grad():
         sk, sv = scales()
-        out = {"k_scale": sk.detach().cpu(), "v_scale": sv.detach().cpu(),
-               "k_shift": k_shift.detach().cpu(), "v_shift": v_shift.detach().cpu()}
+        out = {
+            "k_scale": sk.detach().cpu(),
+            "v_scale": sv.detach().cpu(),
+            "k_shift": k_shift.detach().cpu(),
+            "v_shift": v_shift.detach().cpu(),
+        }
     learned_clips = {n: torch.sigmoid(c).detach() for n, c in clips.items()} if clips else None
     return out, hist, learned_clips
 

@@ -38,7 +38,8 @@ class LayerwiseRunner:
         emb = self.adapter.embed(self.model)
         with torch.no_grad():
             self.inputs = [
-                emb(ids[i : i + batch_size].to(self.device)).to(self.store) for i in range(0, ids.shape[0], batch_size)
+                emb(ids[i : i + batch_size].to(self.device)).to(self.store)
+                for i in range(0, ids.shape[0], batch_size)
             ]
         self.fp_inputs = [x.clone() for x in self.inputs] if fp_stream else None
         seq = ids.shape[1]
@@ -71,7 +72,9 @@ class LayerwiseRunner:
         if self.fp_inputs is not None and fp_layer is not None:
             self.fp_inputs = [self.run_layer(fp_layer, x).to(self.store) for x in self.fp_inputs]
 
-    def run(self, fn: Callable[[int, nn.Module], None], description: str, fp_layers: nn.ModuleList | None = None) -> None:
+    def run(
+        self, fn: Callable[[int, nn.Module], None], description: str, fp_layers: nn.ModuleList | None = None
+    ) -> None:
         """For each layer: move it to the device, ``fn(index, layer)``, advance the streams."""
         layers = self.layers()
         for i in track(range(len(layers)), description):
@@ -89,7 +92,8 @@ class LayerwiseRunner:
 def capture_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
     """Call ``fn(name, input)`` with the input of each module on every forward."""
     handles = [
-        m.register_forward_pre_hook(lambda mod, args, name=name: fn(name, args[0])) for name, m in modules.items()
+        m.register_forward_pre_hook(lambda mod, args, name=name: fn(name, args[0]))
+        for name, m in modules.items()
     ]
     try:
         yield

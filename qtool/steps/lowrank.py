@@ -46,13 +46,19 @@ def _share_key(name: str, lin, group: tuple[str, ...], lins: dict) -> str:
 class LowRank(StepConfig):
     """Quantize weights with GPTQ and fit a full-precision rank-k correction ``U V^T`` jointly."""
 
-    rank: int | None = Field(None, ge=0, description="absolute rank of every correction (or use rank_fraction)")
+    rank: int | None = Field(
+        None, ge=0, description="absolute rank of every correction (or use rank_fraction)"
+    )
     rank_fraction: float | None = Field(
         None, ge=0.0, le=1.0, description="share of each weight's parameters spent on U and V (0.1 = 10%)"
     )
     iterations: int = Field(1, ge=1, le=5, description="alternations of GPTQ and the reduced-rank regression")
-    targets: list[str] | None = Field(None, description="linears that get a correction (default: scheme.targets)")
-    damp: float = Field(0.01, gt=0.0, description="ridge of both solves and GPTQ's damping, share of mean(diag S_y)")
+    targets: list[str] | None = Field(
+        None, description="linears that get a correction (default: scheme.targets)"
+    )
+    damp: float = Field(
+        0.01, gt=0.0, description="ridge of both solves and GPTQ's damping, share of mean(diag S_y)"
+    )
     block_size: int = Field(128, ge=1)
     act_order: bool = Field(False, description="GPTQ act-order (static groups)")
     mse_clip: bool = Field(True, description="MSE search of the weight clip ratio")
@@ -85,8 +91,12 @@ class LowRank(StepConfig):
         runner = LayerwiseRunner(ctx, self.batch_size, self.offload)
         info: dict[str, dict] = {}
         extra_params = 0
-        gptq_kwargs = {"block_size": self.block_size, "act_order": self.act_order, "mse_clip": self.mse_clip,
-                       "scale_dtype": ctx.scale_dtype}
+        gptq_kwargs = {
+            "block_size": self.block_size,
+            "act_order": self.act_order,
+            "mse_clip": self.mse_clip,
+            "scale_dtype": ctx.scale_dtype,
+        }
         start = time.perf_counter()
 
         def solve_layer(i: int, layer) -> None:
@@ -111,8 +121,15 @@ class LowRank(StepConfig):
                 for name, lin in lins.items():
                     W = lin.weight.data.float()
                     k = self.rank_for(*W.shape) if name in corrected else 0
-                    res = lowrank_solve(W, stats[keys[name]], spec, k, iterations=self.iterations,
-                                        damp=self.damp, gptq_kwargs=gptq_kwargs)
+                    res = lowrank_solve(
+                        W,
+                        stats[keys[name]],
+                        spec,
+                        k,
+                        iterations=self.iterations,
+                        damp=self.damp,
+                        gptq_kwargs=gptq_kwargs,
+                    )
                     lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
                     if k > 0:
                         dt = lin.weight.dtype
@@ -122,8 +139,10 @@ class LowRank(StepConfig):
                         extra_params += U.numel() + V.numel()
                     obj = res.objective
                     info[f"layers.{i}.{name}"] = {
-                        "rank": k, "objective_first": obj[0] if obj else None,
-                        "objective_last": obj[-1] if obj else None, "seconds": round(res.seconds, 3),
+                        "rank": k,
+                        "objective_first": obj[0] if obj else None,
+                        "objective_last": obj[-1] if obj else None,
+                        "seconds": round(res.seconds, 3),
                     }
 
         runner.run(solve_layer, "lowrank")
@@ -133,9 +152,16 @@ class LowRank(StepConfig):
 
             register_lora_sidecar(ctx)
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None
-        ctx.record("lowrank", {
-            "linears": info, "extra_parameters": extra_params, "solve_seconds": seconds,
-            "iterations": self.iterations, "rank": self.rank, "rank_fraction": self.rank_fraction,
-            "peak_gpu_memory_gb": peak,
-        })
+        ctx.record(
+            "lowrank",
+            {
+                "linears": info,
+                "extra_parameters": extra_params,
+                "solve_seconds": seconds,
+                "iterations": self.iterations,
+                "rank": self.rank,
+                "rank_fraction": self.rank_fraction,
+                "peak_gpu_memory_gb": peak,
+            },
+        )
         logger.info("lowrank: %d linears, %d extra parameters, %.1fs", len(info), extra_params, seconds)

@@ -42,7 +42,10 @@ def _dims(config) -> tuple[int, int, int, int, int]:
 def fold_norms(model) -> None:
     """Fold RMSNorm gains into the following linears; untie ``lm_head`` from the embeddings."""
     adapter = get_adapter(model.config)
-    if getattr(model.config, "tie_word_embeddings", False) or adapter.lm_head(model).weight is adapter.embed(model).weight:
+    if (
+        getattr(model.config, "tie_word_embeddings", False)
+        or adapter.lm_head(model).weight is adapter.embed(model).weight
+    ):
         head = adapter.lm_head(model)
         head.weight = torch.nn.Parameter(head.weight.data.clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
@@ -82,7 +85,9 @@ def _left_t(lin, m: torch.Tensor) -> None:
 def rotate_residual(model, q: torch.Tensor) -> None:
     adapter = get_adapter(model.config)
     emb = adapter.embed(model)
-    emb.weight.data = (emb.weight.data.to(q.device, torch.float64) @ q).to(emb.weight.device, emb.weight.dtype)
+    emb.weight.data = (emb.weight.data.to(q.device, torch.float64) @ q).to(
+        emb.weight.device, emb.weight.dtype
+    )
     for layer in adapter.layers(model):
         for name in adapter.residual_readers():
             _right(adapter.linear(layer, name), q)
@@ -128,9 +133,11 @@ def install_online(model, entry: dict, fuse: bool, device: torch.device | str = 
                 v = adapter.linear(layer, "v_proj")
                 _transform_weight(v, _per_head(per_head, hkv), device, rows=False)
                 if v.bias is not None:
-                    v.bias.data = _per_head(per_head, hkv)(v.bias.data.to(device, torch.float64)).to(v.bias.device, v.bias.dtype)
+                    v.bias.data = _per_head(per_head, hkv)(v.bias.data.to(device, torch.float64)).to(
+                        v.bias.device, v.bias.dtype
+                    )
                 mix.to(device)
-                _transform_weight(o, lambda w: mix(_per_head(per_head, hq)(w)), device)
+                _transform_weight(o, lambda w, m=mix, ph=per_head: m(_per_head(ph, hq)(w)), device)
                 mix.to(o.weight.device)
         if entry.get("qk"):
             attn = adapter.attention(layer)
@@ -153,7 +160,9 @@ class Rotate(StepConfig):
     residual: bool = True
     down_proj: bool = Field(True, description="online Hadamard on the input of down_proj")
     attention_vo: bool = Field(True, description="per-head V/O rotation plus head mixing before o_proj")
-    qk: Literal["auto", True, False] = Field("auto", description="online Hadamard on Q/K after RoPE (auto: when KV is quantized)")
+    qk: Literal["auto", True, False] = Field(
+        "auto", description="online Hadamard on Q/K after RoPE (auto: when KV is quantized)"
+    )
 
     def apply(self, ctx) -> None:
         model = ctx.model
@@ -177,5 +186,8 @@ class Rotate(StepConfig):
         adapter = get_adapter(model.config)
         mix = adapter.linear(adapter.layers(model)[0], "o_proj").input_transform
         if mix is not None and mix.fallback:
-            logger.info("rotate: no Hadamard matrix of order %d (heads); head mixing uses a random orthogonal matrix", mix.heads)
+            logger.info(
+                "rotate: no Hadamard matrix of order %d (heads); head mixing uses a random orthogonal matrix",
+                mix.heads,
+            )
         ctx.record("rotate", {"kind": self.kind, "online": entry})

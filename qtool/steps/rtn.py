@@ -32,8 +32,15 @@ class RTN(StepConfig):
         for i, name, lin in iter_qlinears(ctx.model):
             if name not in ctx.scheme.targets or lin.qweight is not None:
                 continue
-            res = rtn_quantize(lin.weight.data.float(), spec, mse_clip=self.mse_clip, scale_dtype=ctx.scale_dtype)
+            res = rtn_quantize(
+                lin.weight.data.float(), spec, mse_clip=self.mse_clip, scale_dtype=ctx.scale_dtype
+            )
             lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
             errors[f"layers.{i}.{name}"] = res.loss
         ctx.record("rtn", {"seconds": time.perf_counter() - start, "layer_errors": errors})
-        logger.info("rtn: %d linears quantized to %s in %.1fs", len(errors), w.model_dump(), time.perf_counter() - start)
+        logger.info(
+            "rtn: %d linears quantized to %s in %.1fs",
+            len(errors),
+            w.model_dump(),
+            time.perf_counter() - start,
+        )

@@ -29,5 +29,7 @@ def apply_runtime(model, runtime: dict[str, Any]) -> None:
     _load_builtin_steps()
     for name, entry in runtime.items():
         if name not in HANDLERS:
-            raise QtoolError(f"checkpoint needs runtime feature {name!r}, which this qtool does not know; upgrade qtool")
+            raise QtoolError(
+                f"checkpoint needs runtime feature {name!r}, which this qtool does not know; upgrade qtool"
+            )
         HANDLERS[name](model, entry)

@@ -51,22 +51,67 @@ def test_cli_quantize_eval_generate_with_pivot(tiny_llama_dir, tmp_path):
     ctx = api.quantize(recipe, tmp_path / "again")
     want = perplexity(ctx.model, ctx.tokenizer, seq_len=SEQ, limit=2, prefix="bos").ppl
     js = tmp_path / "eval.json"
-    res = runner.invoke(app, ["eval", str(out), "--seq-len", str(SEQ), "--limit", "2", "--prefix", "bos",
-                              "--device", "cpu", "--json", str(js)])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(out),
+            "--seq-len",
+            str(SEQ),
+            "--limit",
+            "2",
+            "--prefix",
+            "bos",
+            "--device",
+            "cpu",
+            "--json",
+            str(js),
+        ],
+    )
     assert res.exit_code == 0, res.output
     got = json.loads(js.read_text())
     assert got["protocol"]["prefix"] == "bos"
     assert abs(got["ppl"] - want) / want < 1e-4
 
     gj = tmp_path / "gen.json"
-    res = runner.invoke(app, ["generate", str(out), "--prompt", "Name a colour.", "--system", "Be brief.",
-                              "--max-new-tokens", "4", "--device", "cpu", "--json", str(gj)])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            str(out),
+            "--prompt",
+            "Name a colour.",
+            "--system",
+            "Be brief.",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+            str(gj),
+        ],
+    )
     assert res.exit_code == 0, res.output
     g = json.loads(gj.read_text())
     assert "tokens/s" in res.output and 1 <= len(g["new_token_ids"]) <= 4
     assert g["pivot"] == [ctx.tokenizer.bos_token_id] and g["prefix_tokens"] > 1  # system prompt in 16 bits
-    res = runner.invoke(app, ["generate", str(out), "--prompt", "Hi", "--temperature", "0.8", "--top-p", "0.9",
-                              "--max-new-tokens", "3", "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            str(out),
+            "--prompt",
+            "Hi",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -80,11 +125,15 @@ def test_smollm2_intactkv_and_smoothing(smollm2_path):
     from qtool.eval.perplexity import eval_token_ids, window_nll
     from qtool.recipe import Recipe
 
-    r = Recipe.model_validate({
-        "model": str(smollm2_path), "device": "cpu", "calibration": {"samples": 4, "seq_len": 256},
-        "scheme": {"weights": {"bits": 4, "group_size": 64}, "kv_cache": {"bits": 4, "past_only": True}},
-        "steps": ["kv_smooth", "rtn", "intactkv"],
-    })
+    r = Recipe.model_validate(
+        {
+            "model": str(smollm2_path),
+            "device": "cpu",
+            "calibration": {"samples": 4, "seq_len": 256},
+            "scheme": {"weights": {"bits": 4, "group_size": 64}, "kv_cache": {"bits": 4, "past_only": True}},
+            "steps": ["kv_smooth", "rtn", "intactkv"],
+        }
+    )
     ctx = run_recipe(r, export=False)
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     w = eval_token_ids(tok)[:512][None]

@@ -13,14 +13,26 @@ def test_lowrank_export_reload_reproduces_ppl(tmp_path):
     from qtool.export.loader import load_checkpoint
     from qtool.recipe import Recipe
 
-    recipe = Recipe.model_validate({
-        "model": "smollm2-135m", "device": "cpu",
-        "calibration": {"samples": 4, "seq_len": 128},
-        "scheme": {"preset": "W4A4KV4", "activations": {"bits": 4, "clip_ratio": 0.9}},
-        # kept small for CI: the reload check does not depend on calibration size or clip search
-        "steps": ["rotate", {"lowrank": {"rank_fraction": 0.1, "mse_clip": False, "true_sequential": False,
-                                         "targets": ["o_proj", "down_proj"]}}],
-    })
+    recipe = Recipe.model_validate(
+        {
+            "model": "smollm2-135m",
+            "device": "cpu",
+            "calibration": {"samples": 4, "seq_len": 128},
+            "scheme": {"preset": "W4A4KV4", "activations": {"bits": 4, "clip_ratio": 0.9}},
+            # kept small for CI: the reload check does not depend on calibration size or clip search
+            "steps": [
+                "rotate",
+                {
+                    "lowrank": {
+                        "rank_fraction": 0.1,
+                        "mse_clip": False,
+                        "true_sequential": False,
+                        "targets": ["o_proj", "down_proj"],
+                    }
+                },
+            ],
+        }
+    )
     out = tmp_path / "lrc"
     ctx = run_recipe(recipe, output=out)
     assert (out / "adapter_model.safetensors").is_file()

@@ -54,7 +54,13 @@ def test_rotation_online_modules_present(tiny_model_dir):
 
 def _recipe(model_dir, steps, scheme, out=None):
     return Recipe.model_validate(
-        {"model": str(model_dir), "calibration": {"samples": 4, "seq_len": 64}, "scheme": scheme, "steps": steps, "output": out}
+        {
+            "model": str(model_dir),
+            "calibration": {"samples": 4, "seq_len": 64},
+            "scheme": scheme,
+            "steps": steps,
+            "output": out,
+        }
     )
 
 

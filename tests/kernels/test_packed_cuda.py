@@ -14,7 +14,9 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("scheme", ["{preset: W4A16, weights: {group_size: 64}}", "{preset: W4A16, weights: {group_size: null}}"])
+@pytest.mark.parametrize(
+    "scheme", ["{preset: W4A16, weights: {group_size: 64}}", "{preset: W4A16, weights: {group_size: null}}"]
+)
 def test_packed_checkpoint_ppl_matches_fake_quant(tmp_path, scheme):
     from qtool import api
     from qtool.eval.perplexity import perplexity

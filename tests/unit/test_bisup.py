@@ -55,8 +55,12 @@ def test_folded_model_equals_trained_fake_quant_model(tiny_llama_dir, monkeypatc
 def test_training_lowers_the_block_loss(tiny_llama_dir):
     scheme = {"preset": "W3A3", "weights": {"group_size": 32}}
     calib = torch.randint(0, 2000, (4, 64), generator=torch.Generator().manual_seed(0))
-    ctx = run_steps(tiny_llama_dir, ["rotate", {"bisup": {"epochs": 2, "lr": 3e-3, "rank": 4}}], scheme, calib=calib)
+    ctx = run_steps(
+        tiny_llama_dir, ["rotate", {"bisup": {"epochs": 2, "lr": 3e-3, "rank": 4}}], scheme, calib=calib
+    )
     blocks = ctx.results["bisup"]["blocks"]
     # the block output error on the calibration samples, trained (fake-quant) model vs its start
-    assert sum(b["mse_after"] for b in blocks.values()) < sum(b["mse_before"] for b in blocks.values()), blocks
+    assert sum(b["mse_after"] for b in blocks.values()) < sum(b["mse_before"] for b in blocks.values()), (
+        blocks
+    )
     assert all(lin.qweight is not None for lin in ctx.model.modules() if hasattr(lin, "qweight"))

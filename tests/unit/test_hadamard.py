@@ -17,11 +17,54 @@ from qtool.algorithms.hadamard import (
 )
 from qtool.models.online import OnlineRotation
 
-LISTED = [1, 2, 4, 12, 20, 28, 36, 40, 52, 60, 64, 108, 140, 148, 156, 172, 576, 896, 1536, 2560,
-          3584, 4096, 4864, 5120, 6144, 8192, 11008, 13824, 14336, 18944]
+LISTED = [
+    1,
+    2,
+    4,
+    12,
+    20,
+    28,
+    36,
+    40,
+    52,
+    60,
+    64,
+    108,
+    140,
+    148,
+    156,
+    172,
+    576,
+    896,
+    1536,
+    2560,
+    3584,
+    4096,
+    4864,
+    5120,
+    6144,
+    8192,
+    11008,
+    13824,
+    14336,
+    18944,
+]
 # largest power of two (the butterfly part) expected for some real model sizes
-EXPECTED_POW2 = {576: 16, 896: 32, 1536: 128, 3584: 128, 4864: 64, 6144: 512, 11008: 64, 13824: 128,
-                 14336: 512, 18944: 128, 172: 1, 156: 1, 40: 2}
+EXPECTED_POW2 = {
+    576: 16,
+    896: 32,
+    1536: 128,
+    3584: 128,
+    4864: 64,
+    6144: 512,
+    11008: 64,
+    13824: 128,
+    14336: 512,
+    18944: 128,
+    172: 1,
+    156: 1,
+    40: 2,
+}
 F64 = torch.float64
 
 
@@ -102,8 +145,9 @@ def test_fast_transform_matches_dense(n, lead):
     out = fast_hadamard_transform(x)
     assert out.shape == x.shape and out.dtype == F64
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
-    torch.testing.assert_close(fast_hadamard_transform(x, normalize=False), dense_reference(x, n, False),
-                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        fast_hadamard_transform(x, normalize=False), dense_reference(x, n, False), rtol=0, atol=1e-9
+    )
     out32 = fast_hadamard_transform(x.float())
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32.to(F64), ref, rtol=1e-5, atol=1e-5)

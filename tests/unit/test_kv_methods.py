@@ -19,8 +19,15 @@ SEQ = 64
 
 
 def recipe(model_dir, scheme: dict, steps: list, **kw) -> Recipe:
-    data = {"model": str(model_dir), "device": "cpu", "calibration": {"samples": 4, "seq_len": SEQ}, "scheme": scheme,
-            "steps": steps, "checkpoint_dtype": "float32", **kw}
+    data = {
+        "model": str(model_dir),
+        "device": "cpu",
+        "calibration": {"samples": 4, "seq_len": SEQ},
+        "scheme": scheme,
+        "steps": steps,
+        "checkpoint_dtype": "float32",
+        **kw,
+    }
     return Recipe.model_validate(data)
 
 
@@ -146,7 +153,9 @@ def test_smoothing_keeps_fp_function(tiny_llama_dir, windows, steps):
     assert "kv_smooth" in ctx.runtime
     set_quantization_enabled(ctx.model, False)
     with torch.no_grad():
-        torch.testing.assert_close(ctx.model(windows[:2]).logits, ref(windows[:2]).logits, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            ctx.model(windows[:2]).logits, ref(windows[:2]).logits, rtol=1e-3, atol=1e-3
+        )
     if steps == ["kv_smooth"]:
         st = ctx.model.model.layers[0].self_attn.qtool
         assert st.k_scale is None and st.v_scale is None and st.k_shift is not None  # scales folded
@@ -164,7 +173,10 @@ def test_smoothing_k_scale_is_rope_pair_tied():
 
 
 def test_learned_clip_quantizes_weights(tiny_llama_dir, windows):
-    steps = [{"kv_smooth": {"learn": {"samples": 2, "seq_len": 32, "batch_size": 2, "learn_clip": True}}}, "rtn"]
+    steps = [
+        {"kv_smooth": {"learn": {"samples": 2, "seq_len": 32, "batch_size": 2, "learn_clip": True}}},
+        "rtn",
+    ]
     ctx = run_recipe(recipe(tiny_llama_dir, W4KV4, steps), export=False)
     lin = ctx.model.model.layers[0].self_attn.q_proj
     assert lin.qweight is not None
@@ -175,8 +187,15 @@ def test_learned_clip_quantizes_weights(tiny_llama_dir, windows):
 
 
 def test_calibrated_pivot_lowers_its_loss(tiny_llama_dir):
-    steps = ["rtn", {"intactkv": {"calibrate": {"steps": 4, "samples": 4, "seq_len": 32, "batch_size": 2, "lr": 1e-2}}}]
-    r = recipe(tiny_llama_dir, {"weights": {"bits": 4, "group_size": 32}, "activations": {"bits": 4}, "kv_cache": {"bits": 4}}, steps)
+    steps = [
+        "rtn",
+        {"intactkv": {"calibrate": {"steps": 4, "samples": 4, "seq_len": 32, "batch_size": 2, "lr": 1e-2}}},
+    ]
+    r = recipe(
+        tiny_llama_dir,
+        {"weights": {"bits": 4, "group_size": 32}, "activations": {"bits": 4}, "kv_cache": {"bits": 4}},
+        steps,
+    )
     ctx = run_recipe(r, export=False)
     res = ctx.results["intactkv"]
     assert res["calibrated"] and res["loss_after"] < res["loss_before"]
@@ -239,5 +258,8 @@ def test_export_reload_keeps_pivot_and_smoothing(tiny_llama_dir, windows, tmp_pa
     with torch.no_grad():
         want = forward_with_prefix(ctx.model, windows, bos)
         got = forward_with_prefix(model, windows, bos)
-    nll = [torch.nn.functional.cross_entropy(x[:, :-1].reshape(-1, x.shape[-1]), windows[:, 1:].reshape(-1)) for x in (want, got)]
+    nll = [
+        torch.nn.functional.cross_entropy(x[:, :-1].reshape(-1, x.shape[-1]), windows[:, 1:].reshape(-1))
+        for x in (want, got)
+    ]
     assert math.isclose(float(nll[0]), float(nll[1]), rel_tol=1e-4)

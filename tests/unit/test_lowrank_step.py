@@ -18,11 +18,17 @@ def run_steps(model_dir, steps, scheme, out=None, calib=None, **recipe):
     from qtool.models.prepare import prepare_model
     from qtool.steps.base import Context
 
-    recipe = Recipe.model_validate({"model": str(model_dir), "device": "cpu", "scheme": scheme, "steps": steps, **recipe})
+    recipe = Recipe.model_validate(
+        {"model": str(model_dir), "device": "cpu", "scheme": scheme, "steps": steps, **recipe}
+    )
     model, tok = load_hf_model(str(model_dir), device="cpu")
     prepare_model(model, recipe.scheme)
     ctx = Context(recipe=recipe, model=model, tokenizer=tok, device=torch.device("cpu"))
-    ctx._calibration = calib if calib is not None else torch.randint(0, 2000, (8, 64), generator=torch.Generator().manual_seed(0))
+    ctx._calibration = (
+        calib
+        if calib is not None
+        else torch.randint(0, 2000, (8, 64), generator=torch.Generator().manual_seed(0))
+    )
     ctx.results["_output"], ctx.results["_overwrite"] = out, True
     for step in recipe.steps:
         step.apply(ctx)

@@ -23,7 +23,12 @@ def _qlinear(out_f, in_f, wspec, act_spec=None, lowrank=0):
 
 @pytest.mark.parametrize(
     "wspec",
-    [QSpec(4, True, "channel"), QSpec(4, True, "group", 64), QSpec(4, False, "group", 32), QSpec(4, False, "channel")],
+    [
+        QSpec(4, True, "channel"),
+        QSpec(4, True, "group", 64),
+        QSpec(4, False, "group", 32),
+        QSpec(4, False, "channel"),
+    ],
 )
 @pytest.mark.parametrize("rows", [1, 7])
 def test_packed_w4a16_matches_fake_quant(wspec, rows):
