@@ -110,3 +110,15 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     return empty
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """The first rows of WikiText-2 test as a local file: a few windows, tokenized in no time."""
+    import json
+
+    from qtool.data.datasets import load_rows
+
+    path = tmp_path_factory.mktemp("text") / "wiki.jsonl"
+    path.write_text("\n".join(json.dumps({"text": r}) for r in load_rows("wikitext2", "test")[:30]))
+    return str(path)

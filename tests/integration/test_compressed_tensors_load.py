@@ -10,8 +10,6 @@ asymmetric pack-quantized checkpoint, llm-compressor's included.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -30,15 +28,6 @@ CASES = {
     "w4a16-channel-asym": ("{preset: W4A16, weights: {symmetric: false}}", True),
     "w8a8": ("W8A8", False),
 }
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from qtool.data.datasets import load_rows
-
-    path = tmp_path_factory.mktemp("text") / "wiki.jsonl"
-    path.write_text("\n".join(json.dumps({"text": r}) for r in load_rows("wikitext2", "test")[:30]))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

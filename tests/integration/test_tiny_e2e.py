@@ -86,16 +86,6 @@ def write_recipe(path: Path, model_dir: Path, scheme: str, fmt: str = "compresse
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """The first rows of WikiText-2 test as a local file: a few windows, tokenized in no time."""
-    from qtool.data.datasets import load_rows
-
-    path = tmp_path_factory.mktemp("text") / "wiki.jsonl"
-    path.write_text("\n".join(json.dumps({"text": r}) for r in load_rows("wikitext2", "test")[:30]))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def eval_ids(tiny_llama_dir):
     from transformers import AutoTokenizer
 
