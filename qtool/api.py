@@ -109,11 +109,12 @@ def load(target: str, dtype: str = "float32", device: str = "auto", kernels: str
         recipe = load_recipe(target)
         recipe.device = device if device != "auto" else recipe.device
         ctx = run_recipe(recipe, export=False)
-        return (
-            ctx.model,
-            ctx.tokenizer,
-            {"kind": "in-memory", "recipe": recipe.to_dict(), "scheme": recipe.scheme.label()},
-        )
+        info = {"kind": "in-memory", "recipe": recipe.to_dict(), "scheme": recipe.scheme.label()}
+        if use_kernels(kernels, ctx.model):
+            from qtool.models.packed import pack_model
+
+            info["kernels"] = pack_model(ctx.model)
+        return ctx.model, ctx.tokenizer, info
     if is_qtool_checkpoint(target):
         from qtool.export.loader import load_checkpoint
 
@@ -181,12 +182,35 @@ def generate_text(
     mixed_precision: bool = True,
     dtype: str = "float32",
     device: str = "auto",
+    kernels: str = "auto",
 ) -> dict[str, Any]:
-    """Load ``target`` (as :func:`load`) and decode a reply with its pivot and quantized KV cache."""
-    from qtool.generate import generate
+    """Load ``target`` (as :func:`load`) and decode a reply with its pivot and quantized KV cache.
 
-    model, tok, info = load(target, dtype, device)
-    res = generate(model, tok, prompt, system, max_new_tokens, temperature, top_p, seed, mixed_precision)
+    With the kernels in use (``auto`` on CUDA with the extension built, or ``on``), the linears
+    are packed int4 and the KV cache is stored as packed int4 when its scheme allows it.
+    """
+    from qtool.generate import generate
+    from qtool.models.kv4_runtime import packed_kv_reason
+
+    model, tok, info = load(target, dtype, device, kernels)
+    packed_kv = False
+    if use_kernels(kernels, model):
+        why = packed_kv_reason(model)
+        packed_kv = why is None
+        if why:
+            logger.info("KV cache kept as 16-bit fake-quant values: %s", why)
+    res = generate(
+        model,
+        tok,
+        prompt,
+        system,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        mixed_precision,
+        packed_kv=packed_kv,
+    )
     return {
         "model": str(target),
         "loaded": info,

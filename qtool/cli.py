@@ -179,6 +179,11 @@ def generate_cmd(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    kernels: str = typer.Option(
+        "auto",
+        "--kernels",
+        help="packed int4 linears and int4 KV cache: auto (CUDA + extension), on, off",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="write the result as JSON"),
 ) -> None:
     """Decode a reply with the quantized KV cache and the 16-bit pivot / system-prompt cache."""
@@ -186,7 +191,17 @@ def generate_cmd(
 
     try:
         res = api.generate_text(
-            target, prompt, system, max_new_tokens, temperature, top_p, seed, mixed_precision, dtype, device
+            target,
+            prompt,
+            system,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            mixed_precision,
+            dtype,
+            device,
+            kernels,
         )
     except QtoolError as exc:
         _fail(exc)
@@ -194,7 +209,7 @@ def generate_cmd(
     console.print(
         f"[dim]{len(res['new_token_ids'])} tokens, {res['tokens_per_second']:.1f} tokens/s "
         f"(decode {res['decode_tokens_per_second']:.1f} tokens/s), 16-bit prefix {res['prefix_tokens']} tokens, "
-        f"device {res['device']}[/]"
+        f"KV cache {res['kv_cache']}, device {res['device']}[/]"
     )
     _write_json(json_out, res)
 

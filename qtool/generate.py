@@ -31,6 +31,7 @@ class GenerationResult:
     tokens_per_second: float  # new tokens / (prefill + decode)
     decode_tokens_per_second: float  # tokens after the first / decode time
     stopped_at_eos: bool
+    kv_cache: str = "16-bit (fake-quant values)"  # or "int4 packed"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,9 +102,12 @@ def decode(
     top_p: float = 1.0,
     eos_ids: set[int] | None = None,
     seed: int = 0,
+    packed_kv: bool = False,
 ) -> tuple[list[int], float, float, bool]:
     """Generate after ``ids`` (whose first ``len(prefix)`` tokens are the prefix cache).
 
+    ``packed_kv``: store the KV cache as packed int4 (:class:`~qtool.models.kv4_runtime.PackedKVCache`)
+    instead of dequantized 16-bit values; the tokens are the same up to float16 scale rounding.
     Returns ``(new ids, prefill seconds, decode seconds, stopped at EOS)``.
     """
     device = next(model.parameters()).device
@@ -114,7 +118,12 @@ def decode(
     rest = ids[n_pre:]
     if not rest:
         raise QtoolError("the prompt is empty after the 16-bit prefix; give a prompt")
-    cache = prefix.as_cache(1, dtype, device) if prefix is not None else DynamicCache()
+    if packed_kv:
+        from qtool.models.kv4_runtime import PackedKVCache
+
+        cache = PackedKVCache(1, len(rest) + max_new_tokens, prefix)
+    else:
+        cache = prefix.as_cache(1, dtype, device) if prefix is not None else DynamicCache()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     t0 = time.perf_counter()
     logits = model(input_ids=torch.tensor([rest], device=device), cache=cache, use_cache=True).logits[0, -1]
@@ -148,8 +157,12 @@ def generate(
     mixed_precision: bool = True,
     chat: bool = True,
     fp_model=None,
+    packed_kv: bool = False,
 ) -> GenerationResult:
-    """Decode a reply to ``prompt`` (greedy when ``temperature`` is 0, else top-p sampling)."""
+    """Decode a reply to ``prompt`` (greedy when ``temperature`` is 0, else top-p sampling).
+
+    ``packed_kv``: keep the KV cache as packed int4 (see :func:`decode`).
+    """
     if max_new_tokens < 1:
         raise QtoolError("--max-new-tokens must be at least 1")
     if not 0.0 < top_p <= 1.0:
@@ -164,7 +177,9 @@ def generate(
         for i in [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
         if isinstance(i, int)
     }
-    new, prefill, dec, stopped = decode(model, ids, prefix, max_new_tokens, temperature, top_p, eos, seed)
+    new, prefill, dec, stopped = decode(
+        model, ids, prefix, max_new_tokens, temperature, top_p, eos, seed, packed_kv
+    )
     return GenerationResult(
         text=tokenizer.decode(new, skip_special_tokens=True),
         new_token_ids=new,
@@ -175,6 +190,7 @@ def generate(
         tokens_per_second=len(new) / (prefill + dec),
         decode_tokens_per_second=(len(new) - 1) / dec if len(new) > 1 and dec > 0 else 0.0,
         stopped_at_eos=stopped,
+        kv_cache="int4 packed" if packed_kv else "16-bit (fake-quant values)",
     )
 
 

@@ -10,6 +10,9 @@ same RoPE) and adds, in order:
    written to the cache: a prefix already in the cache (IntactKV pivot, system prompt) stays as
    it was written, in 16 bits;
 4. past-only attention (WKVQuant): a token attends to its own K/V unquantized.
+
+With a :class:`~qtool.models.kv4_runtime.PackedKVCache` (generation with real int4 storage)
+steps 2-4 happen inside that cache instead.
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ def qtool_attention_forward(
     q, k = self.qtool_rope(q, k, cos, sin)
     if st.qk_rotate is not None:
         q, k = st.qk_rotate(q), st.qk_rotate(k)
+    if getattr(cache, "qtool_packed", False) and st.enabled:
+        out = cache.attention(self.layer_idx, st, q, k, v, self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1).contiguous()), None
     kq, vq = st.quantize_kv(k, v)
     if cache is not None:
         k_all, v_all = cache.update(kq, vq, self.layer_idx)

@@ -68,7 +68,7 @@ class GPTQ(StepConfig):
                 def add(name, x, hess=hess, lins=lins):
                     hess[name].add(hessian_input(lins[name], x, self.hessian_on_quantized_inputs))
 
-                with capture_inputs(lins, add):
+                with capture_inputs(lins, add, stop=True):
                     runner.forward_all(layer)
                 for name, lin in lins.items():
                     res = gptq_quantize(

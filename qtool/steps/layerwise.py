@@ -61,9 +61,16 @@ class LayerwiseRunner:
 
     @torch.no_grad()
     def forward_all(self, layer: nn.Module, fp: bool = False) -> None:
-        """Run every batch through ``layer`` (quantized stream, or the fp stream)."""
+        """Run every batch through ``layer`` (quantized stream, or the fp stream).
+
+        A :func:`capture_inputs` hook with ``stop=True`` ends each forward early, once every
+        module it watches has seen its input (the rest of the layer is not needed).
+        """
         for x in self.batches(fp):
-            self.run_layer(layer, x)
+            try:
+                self.run_layer(layer, x)
+            except StopForward:
+                pass
 
     @torch.no_grad()
     def advance(self, layer: nn.Module, fp_layer: nn.Module | None = None) -> None:
@@ -88,11 +95,33 @@ class LayerwiseRunner:
                     fp_layer.to("cpu")
 
 
+class StopForward(Exception):
+    """Raised by a capture hook to end a calibration forward once its inputs are captured."""
+
+
 @contextmanager
-def capture_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
-    """Call ``fn(name, input)`` with the input of each module on every forward."""
+def capture_inputs(
+    modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None], stop: bool = False
+):
+    """Call ``fn(name, input)`` with the input of each module on every forward.
+
+    ``stop``: raise :class:`StopForward` as soon as every module has been seen once in the
+    current forward (use with :meth:`LayerwiseRunner.forward_all`, which catches it). In a
+    true-sequential GPTQ pass this skips the part of the decoder layer after the group, which
+    is most of the calibration time for the q/k/v and o groups.
+    """
+    seen: set[str] = set()
+
+    def hook(mod, args, name):
+        fn(name, args[0])
+        if stop:
+            seen.add(name)
+            if len(seen) == len(modules):
+                seen.clear()
+                raise StopForward
+
     handles = [
-        m.register_forward_pre_hook(lambda mod, args, name=name: fn(name, args[0]))
+        m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
         for name, m in modules.items()
     ]
     try:

@@ -116,7 +116,7 @@ class LowRank(StepConfig):
                     xt = lin.prepare_input(x)
                     stats[name].add(xt, lin.quantize_input(xt))
 
-                with capture_inputs(lins, add):
+                with capture_inputs(lins, add, stop=True):
                     runner.forward_all(layer)
                 for name, lin in lins.items():
                     W = lin.weight.data.float()

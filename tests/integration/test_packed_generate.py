@@ -1,0 +1,162 @@
+"""Generation with the packed int4 KV cache (and packed linears) against the fake-quant path.
+
+On CPU the ``torch.ops.qtool`` ops run their pure-PyTorch references, so these tests check the
+runtime plumbing the CUDA kernels plug into: the per-layer int4 caches, the 16-bit pivot beside
+them, smoothing folded into the query/output, past-only, the prefill path and the decode op.
+The GPU variant (same tokens with the kernels) is in ``tests/kernels/test_packed_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtool.api import run_recipe
+from qtool.generate import decode, generate
+from qtool.models.kv4_runtime import PackedKVCache, kv4_unsupported, packed_kv_reason
+from qtool.models.packed import pack_model
+from qtool.models.prepare import iter_qlinears
+from qtool.models.pivot import forward_with_prefix
+from qtool.models import attention
+from qtool.ops.kv4_attention import MIN_SCALE
+from qtool.quant.quantizer import compute_qparams, dequantize, quantize, sqnr_db
+from qtool.recipe import Recipe
+
+
+def quantized(model_dir, scheme: dict, steps: list) -> object:
+    r = Recipe.model_validate(
+        {
+            "model": str(model_dir),
+            "device": "cpu",
+            "checkpoint_dtype": "float32",
+            "calibration": {"samples": 4, "seq_len": 64},
+            "scheme": scheme,
+            "steps": steps,
+        }
+    )
+    return run_recipe(r, export=False)
+
+
+SMOOTH_PIVOT = (
+    {"weights": {"bits": 4, "group_size": 32}, "kv_cache": {"bits": 4, "past_only": True}},
+    ["kv_smooth", "rtn", "intactkv"],
+)
+ROTATED_W4A4KV4 = (
+    {
+        "preset": "W4A4KV4",
+        "weights": {"bits": 4, "group_size": None},
+        "activations": {"bits": 4, "clip_ratio": 0.9},
+        "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95, "group_size": 16},
+    },
+    ["rotate", "rtn"],
+)
+
+
+def fake_quant_fp16_scales(x: torch.Tensor, spec) -> torch.Tensor:
+    """``fake_quant`` with the scale rounded to float16 as the int4 cache stores it."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    scale, zero = compute_qparams(x2, spec)
+    scale = scale.clamp(min=MIN_SCALE).half().float()
+    return dequantize(quantize(x2, scale, zero, spec), scale, zero, spec).reshape(x.shape).to(x.dtype)
+
+
+@torch.no_grad()
+def packed_logits(model, ids: list[int], n_prompt: int) -> torch.Tensor:
+    """Logits of every position after the prefix: prefill ``ids[:n_prompt]`` then one token a step."""
+    pivot = getattr(model, "qtool_pivot", None)
+    n_pre = len(pivot) if pivot is not None else 0
+    cache = PackedKVCache(1, len(ids), pivot)
+    out = [model(input_ids=torch.tensor([ids[n_pre:n_prompt]]), cache=cache, use_cache=True).logits[0]]
+    for tok in ids[n_prompt:]:
+        out.append(model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True).logits[0])
+    assert cache.memory_bytes() > 0 and cache.get_seq_length() == len(ids)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(
+    "case", [SMOOTH_PIVOT, ROTATED_W4A4KV4], ids=["smooth-pivot-pastonly", "rotated-w4a4kv4"]
+)
+@pytest.mark.parametrize("n_prompt", [6, 40], ids=["decode-op-prompt", "prefill-path"])
+def test_packed_cache_matches_fake_quant(tiny_llama_dir, case, n_prompt, monkeypatch):
+    ctx = quantized(tiny_llama_dir, *case)
+    model = ctx.model
+    assert packed_kv_reason(model) is None
+    g = torch.Generator().manual_seed(0)
+    pivot = getattr(model, "qtool_pivot", None)
+    pre = list(pivot.token_ids) if pivot is not None else []
+    body = torch.randint(0, model.config.vocab_size, (56,), generator=g).tolist()
+    ids = pre + body
+    # the KV path alone (activation quantization off): the only difference left is the float16
+    # storage of the KV scales; with the fake-quant path rounding its scales alike, it is exact
+    lins = [lin for _, _, lin in iter_qlinears(model)]
+    for lin in lins:
+        lin.act_quant_enabled = False
+    got = packed_logits(model, ids, len(pre) + n_prompt)
+    want = forward_with_prefix(model, torch.tensor([body]), pre)[0]
+    assert got.shape == want.shape
+    assert sqnr_db(want, got) > 40
+    with monkeypatch.context() as m:
+        m.setattr(attention, "fake_quant", fake_quant_fp16_scales)
+        want16 = forward_with_prefix(model, torch.tensor([body]), pre)[0]
+    assert sqnr_db(want16, got) > 100
+    # everything on: 4-bit activations turn those last-bit differences into occasional code flips
+    for lin in lins:
+        lin.act_quant_enabled = True
+    want = forward_with_prefix(model, torch.tensor([body]), pre)[0]
+    assert sqnr_db(want, packed_logits(model, ids, len(pre) + n_prompt)) > 20
+    # the same with packed int4 linears (reference ops on CPU)
+    info = pack_model(model)
+    assert info["packed"] > 0
+    assert sqnr_db(want, packed_logits(model, ids, len(pre) + n_prompt)) > 20
+
+
+def test_generate_packed_same_tokens(tiny_llama_dir):
+    ctx = quantized(tiny_llama_dir, *SMOOTH_PIVOT)
+    tok = ctx.tokenizer
+    a = generate(ctx.model, tok, "Name a colour.", system="Be brief.", max_new_tokens=12)
+    b = generate(ctx.model, tok, "Name a colour.", system="Be brief.", max_new_tokens=12, packed_kv=True)
+    assert b.kv_cache == "int4 packed" and a.kv_cache.startswith("16-bit")
+    assert b.prefix_tokens == a.prefix_tokens > 1
+    assert a.new_token_ids[:4] == b.new_token_ids[:4]
+
+
+def test_packed_cache_refuses_what_it_cannot_store(tiny_llama_dir):
+    ctx = quantized(
+        tiny_llama_dir, {"weights": {"bits": 4, "group_size": 32}, "kv_cache": {"bits": 8}}, ["rtn"]
+    )
+    why = packed_kv_reason(ctx.model)
+    assert why is not None and "8-bit" in why
+    from qtool.models.adapters import get_adapter
+
+    st = get_adapter(ctx.model.config).attention(get_adapter(ctx.model.config).layers(ctx.model)[0]).qtool
+    assert kv4_unsupported(st) is not None
+    fp = quantized(tiny_llama_dir, {"weights": {"bits": 4, "group_size": 32}}, ["rtn"])
+    assert "no quantized KV" in packed_kv_reason(fp.model) or "both" in packed_kv_reason(fp.model)
+
+
+def test_decode_overflow_is_a_clear_error(tiny_llama_dir):
+    ctx = quantized(tiny_llama_dir, *SMOOTH_PIVOT)
+    pivot = ctx.model.qtool_pivot
+    ids = list(pivot.token_ids) + [5, 6, 7]
+    new, *_ = decode(ctx.model, ids, pivot, max_new_tokens=5, packed_kv=True)
+    assert len(new) == 5
+
+
+@pytest.mark.slow
+def test_smollm2_packed_generation_same_tokens(smollm2_path):
+    """SmolLM2-135M W4A16-g64 + KV4 past-only + IntactKV: packed linears and int4 cache (reference
+    ops on CPU) give the fake-quant path's greedy tokens for 32 tokens on every prompt."""
+    ctx = quantized(
+        smollm2_path,
+        {"weights": {"bits": 4, "group_size": 64}, "kv_cache": {"bits": 4, "past_only": True}},
+        ["rtn", "intactkv"],
+    )
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+    fake = [generate(ctx.model, ctx.tokenizer, p, max_new_tokens=32).new_token_ids for p in prompts]
+    pack_model(ctx.model)
+    packed = [
+        generate(ctx.model, ctx.tokenizer, p, max_new_tokens=32, packed_kv=True).new_token_ids
+        for p in prompts
+    ]
+    for f, p in zip(fake, packed, strict=True):
+        assert f[:32] == p[:32]
