@@ -13,11 +13,11 @@ import torch
 
 from qtool.api import run_recipe
 from qtool.generate import decode, generate
+from qtool.models import attention
 from qtool.models.kv4_runtime import PackedKVCache, kv4_unsupported, packed_kv_reason
 from qtool.models.packed import pack_model
-from qtool.models.prepare import iter_qlinears
 from qtool.models.pivot import forward_with_prefix
-from qtool.models import attention
+from qtool.models.prepare import iter_qlinears
 from qtool.ops.kv4_attention import MIN_SCALE
 from qtool.quant.quantizer import compute_qparams, dequantize, quantize, sqnr_db
 from qtool.recipe import Recipe
