@@ -244,10 +244,6 @@ def recipe_show(recipe: Path) -> None:
         _fail(exc)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
-
 bench_app = typer.Typer(
     no_args_is_help=True, help="Kernel benchmarks (need a CUDA device and `make kernels`)."
 )
@@ -298,3 +294,51 @@ def bench_attention(
 ) -> None:
     """INT4-KV decode attention vs PyTorch SDPA over a 16-bit cache."""
     _bench("attention", json_out, iters)
+
+
+@bench_app.command("generate")
+def bench_generate_cmd(
+    shape: str = typer.Option(
+        "llama-2-7b", "--shape", help="llama-2-7b, llama-3-8b or tiny (random weights)"
+    ),
+    batch: list[int] = typer.Option([1, 16], "--batch", help="batch sizes (repeat the option)"),
+    context: int = typer.Option(4096, "--context", help="prompt tokens per sequence before decoding"),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="timed decode steps"),
+    max_context: int = typer.Option(32768, "--max-context", help="context for the max-batch estimate"),
+    group_size: int = typer.Option(128, "--group-size", help="W4A16 weight group size"),
+    device: str = typer.Option("cuda", "--device", help="cuda (cpu runs the op references: slow)"),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """Decode tokens/s: 16-bit model vs W4A16 + int4 KV cache, same random-initialized shapes."""
+    from qtool.ops import bench
+    from qtool.ops.bench_generate import bench_generate
+
+    if device.startswith("cuda"):
+        try:
+            bench.require_cuda()
+        except RuntimeError as exc:
+            _fail(exc)
+    try:
+        res = bench_generate(shape, tuple(batch), context, new_tokens, max_context, group_size, device=device)
+    except ValueError as exc:
+        _fail(exc)
+    title = f"qtool bench generate: {shape}, context {context}, {new_tokens} decode steps ({device})"
+    table = Table(title=title)
+    cols = list(dict.fromkeys(c for r in res["rows"] for c in r))
+    for c in cols:
+        table.add_column(c)
+    for r in res["rows"]:
+        table.add_row(*(str(r.get(c, "")) for c in cols))
+    console.print(table)
+    for key, label in (("fp16_max_batch", "16-bit"), ("w4kv4_max_batch", "W4A16 + KV4")):
+        m = res[key]
+        console.print(
+            f"{label}: max batch at {m['context']} tokens = {m['max_batch']} "
+            f"({m['kv_gib_per_sequence']} GiB KV per sequence; estimate from free memory)"
+        )
+    info = bench.device_info() if device.startswith("cuda") else {"device": "cpu"}
+    _write_json(json_out, {"bench": "generate", "device": info, **res})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from qtool.errors import QtoolError
-from qtool.models.pivot import PivotCache, compute_prefix_cache
+from qtool.models.pivot import PivotCache, cache_kw, compute_prefix_cache
 
 
 @dataclass
@@ -126,7 +126,9 @@ def decode(
         cache = prefix.as_cache(1, dtype, device) if prefix is not None else DynamicCache()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     t0 = time.perf_counter()
-    logits = model(input_ids=torch.tensor([rest], device=device), cache=cache, use_cache=True).logits[0, -1]
+    logits = model(input_ids=torch.tensor([rest], device=device), **cache_kw(cache), use_cache=True).logits[
+        0, -1
+    ]
     prefill = time.perf_counter() - t0
     out: list[int] = []
     eos = False
@@ -139,9 +141,9 @@ def decode(
             break
         if len(out) == max_new_tokens:
             break
-        logits = model(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True).logits[
-            0, -1
-        ]
+        logits = model(
+            input_ids=torch.tensor([[tok]], device=device), **cache_kw(cache), use_cache=True
+        ).logits[0, -1]
     return out, prefill, time.perf_counter() - t1, eos
 
 

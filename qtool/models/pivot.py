@@ -8,12 +8,26 @@ only new tokens' K/V are (see ``qtool.models.attention``).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+
+@functools.cache
+def _cache_kwarg() -> str:
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def cache_kw(cache) -> dict:
+    """``{"cache": cache}`` for a model forward (``past_key_values`` in transformers before 5.x)."""
+    return {_cache_kwarg(): cache}
 
 
 @dataclass
@@ -47,7 +61,7 @@ def forward_with_prefix(model, input_ids: torch.Tensor, prefix: list[int]) -> to
     if prefix and pivot is not None and pivot.token_ids == list(prefix):
         dtype = next(model.parameters()).dtype
         cache = pivot.as_cache(input_ids.shape[0], dtype, input_ids.device)
-        return model(input_ids=input_ids, cache=cache, use_cache=True).logits
+        return model(input_ids=input_ids, **cache_kw(cache), use_cache=True).logits
     if not prefix:
         return model(input_ids=input_ids, use_cache=False).logits
     pre = torch.tensor(prefix, dtype=input_ids.dtype, device=input_ids.device).expand(input_ids.shape[0], -1)
@@ -106,7 +120,7 @@ def compute_prefix_cache(
     if rest:
         ids = torch.tensor([rest], dtype=torch.long, device=device)
         with kv_quant_disabled(model):
-            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, **cache_kw(cache), use_cache=True, logits_to_keep=1)
     keys, values = cache_tensors(cache)
     rnd = (
         (lambda x: x.detach().float().cpu())

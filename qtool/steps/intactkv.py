@@ -23,7 +23,7 @@ from pydantic import Field
 
 from qtool.log import track
 from qtool.models.adapters import get_adapter
-from qtool.models.pivot import PivotCache, compute_prefix_cache, load_pivot, save_pivot
+from qtool.models.pivot import PivotCache, cache_kw, compute_prefix_cache, load_pivot, save_pivot
 from qtool.models.prepare import iter_qlinears, prepare_model, set_quantization_enabled
 from qtool.quant.quantizer import fake_quant_ste
 from qtool.recipe import Closed, StepConfig, step_name
@@ -198,7 +198,7 @@ def calibrate_pivot(model, fp, pivot: PivotCache, windows: torch.Tensor, opt: Ca
             with capture_layer_outputs(fp, outs):
                 fp(
                     input_ids=b,
-                    cache=pivot.as_cache(b.shape[0], dtype, device),
+                    **cache_kw(pivot.as_cache(b.shape[0], dtype, device)),
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -216,7 +216,7 @@ def calibrate_pivot(model, fp, pivot: PivotCache, windows: torch.Tensor, opt: Ca
         dc = DynamicCache(ddp_cache_data=list(zip(cache.keys, cache.values, strict=True)))
         outs: list = []
         with capture_layer_outputs(model, outs):
-            model(input_ids=b, cache=dc, use_cache=True, logits_to_keep=1)
+            model(input_ids=b, **cache_kw(dc), use_cache=True, logits_to_keep=1)
         return sum(
             torch.nn.functional.mse_loss(o.float(), t.float()) for o, t in zip(outs, targets[i], strict=True)
         )

@@ -160,3 +160,18 @@ def test_smollm2_packed_generation_same_tokens(smollm2_path):
     ]
     for f, p in zip(fake, packed, strict=True):
         assert f[:32] == p[:32]
+
+
+def test_bench_generate_runs_on_cpu_references():
+    """The benchmark's plumbing on a tiny random model (timings on CPU mean nothing)."""
+    from qtool.ops.bench_generate import bench_generate
+
+    res = bench_generate("tiny", (1, 2), context=24, new_tokens=3, max_context=512, device="cpu")
+    rows = {(r["model"], r["batch"]): r for r in res["rows"]}
+    assert set(rows) == {("16-bit", 1), ("16-bit", 2), ("W4A16 + KV4", 1), ("W4A16 + KV4", 2)}
+    assert res["packing"]["packed"] == 14 and res["w4_weights_gib"] < res["fp16_weights_gib"]
+    for b in (1, 2):
+        fp, q = rows[("16-bit", b)], rows[("W4A16 + KV4", b)]
+        assert q["kv_cache_bytes"] <= 0.3 * fp["kv_cache_bytes"] and q["tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="unknown model shape"):
+        bench_generate("llama-9000", device="cpu")
