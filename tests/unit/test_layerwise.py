@@ -31,11 +31,14 @@ def test_capture_stop_sees_the_same_inputs_and_skips_the_rest(tiny_llama_dir):
         calls = {True: 0, False: 0}
         for stop in (False, True):
 
-            def count(*_, stop=stop):
+            def count(*_, stop=stop, calls=calls):
                 calls[stop] += 1
 
+            def keep(n, x, stop=stop, seen=seen):
+                seen[stop].append((n, x.clone()))
+
             h = later.register_forward_pre_hook(count)
-            with capture_inputs(group, lambda n, x, stop=stop: seen[stop].append((n, x.clone())), stop=stop):
+            with capture_inputs(group, keep, stop=stop):
                 runner.forward_all(layer)
             h.remove()
         assert calls[False] == 2 and calls[True] == 0  # two batches; the stopped pass never reaches it
