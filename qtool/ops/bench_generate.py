@@ -184,17 +184,18 @@ def bench_generate(
     rows: list[dict] = out["rows"]  # type: ignore[assignment]
     out["fp16_weights_gib"] = round(weight_bytes(model) / 2**30, 4)
     out["fp16_max_batch"] = max_batch(model, max_context, packed=False)
-    for b in batches:
-        rows.append({"model": "16-bit", **time_decode(model, b, context, new_tokens, packed=False)})
-        if model.device.type == "cuda":
-            torch.cuda.empty_cache()
+
+    def run_batches(label: str, packed: bool) -> None:
+        for b in batches:
+            rows.append({"model": label, **time_decode(model, b, context, new_tokens, packed=packed)})
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    run_batches("16-bit", packed=False)
     out["packing"] = quantize_w4a16_kv4(model, group_size)
     out["w4_weights_gib"] = round(weight_bytes(model) / 2**30, 4)
     out["w4kv4_max_batch"] = max_batch(model, max_context, packed=True)
-    for b in batches:
-        rows.append({"model": "W4A16 + KV4", **time_decode(model, b, context, new_tokens, packed=True)})
-        if model.device.type == "cuda":
-            torch.cuda.empty_cache()
+    run_batches("W4A16 + KV4", packed=True)
     fp = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "16-bit"}
     for r in rows:
         r["speedup"] = round(r["tokens_per_s"] / fp[r["batch"]], 2)
