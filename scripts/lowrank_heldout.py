@@ -29,7 +29,6 @@ os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
 from table_lowrank_bisup import W4A4KV4  # noqa: E402  (the same scheme as the table)
 
 
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
