@@ -96,7 +96,7 @@ class PackedKVCache(DynamicCache):
         if self.prefix is not None and len(self.prefix):
             kp = self.prefix.keys[idx].to(k.device, torch.float32)
             vp = self.prefix.values[idx].to(k.device, torch.float32)
-            kp, vp = _smooth(st, kp, vp)
+            kp, vp = smooth_kv(st, kp, vp)
             kp, vp = kp.to(k.dtype), vp.to(k.dtype)
         cache = QuantizedKVCache(
             self.batch,
@@ -115,7 +115,7 @@ class PackedKVCache(DynamicCache):
     def attention(self, idx: int, st, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
         """Append the new tokens' K/V ``[B, H_kv, T, D]`` (after RoPE) and attend with ``q``."""
         cache = self._layer(idx, st, k)
-        ks, vs = _smooth(st, k, v)
+        ks, vs = smooth_kv(st, k, v)
         cache.append(ks, vs)
         t = q.shape[2]
         n = cache.host_lengths()[0]
@@ -147,7 +147,7 @@ class PackedKVCache(DynamicCache):
         return out
 
 
-def _smooth(st, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def smooth_kv(st, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """WKVQuant's per-channel transform ``(x - shift) / scale`` (identity when not set)."""
 
     def f(x, shift, scale):

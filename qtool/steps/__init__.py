@@ -74,7 +74,17 @@ def _load_builtin_steps() -> None:
     _BUILTINS_LOADED = True
     import importlib
 
-    for module in ("rtn", "export", "rotate", "gptq", "intactkv", "kv_smooth", "lowrank", "bisup"):
+    for module in (
+        "rtn",
+        "export",
+        "rotate",
+        "clip_search",
+        "gptq",
+        "intactkv",
+        "kv_smooth",
+        "lowrank",
+        "bisup",
+    ):
         try:
             importlib.import_module(f"qtool.steps.{module}")
         except ModuleNotFoundError as exc:
