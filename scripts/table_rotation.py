@@ -4,7 +4,9 @@
 
 Weights per-channel symmetric 4-bit unless the label says g64; activations per-token 4-bit with
 clip 0.9 and KV 4-bit asymmetric per head with clip 0.95 (QuaRot's setting) in the rotated rows;
-plain RTN rows use no clipping. GPTQ: act-order, MSE clip search, true-sequential.
+plain RTN rows use no clipping. GPTQ: act-order, MSE clip search, true-sequential. ``clip_search``
+rows replace those fixed activation / KV clip ratios by ratios chosen per linear / per layer on
+the calibration data (grid 0.5..1.0).
 """
 
 from tablelib import parse_args, run_rows
@@ -35,6 +37,11 @@ ROWS = [
     },
     {"label": "rotate + GPTQ W4A4", "recipe": q("W4A4", PC, ["rotate", GPTQ], A4)},
     {"label": "rotate + GPTQ W4A4KV4", "recipe": q("W4A4KV4", PC, ["rotate", GPTQ], A4, KV4)},
+    {
+        "label": "rotate + clip_search + GPTQ W4A4KV4",
+        "recipe": q("W4A4KV4", PC, ["rotate", "clip_search", GPTQ], A4, KV4),
+    },
+    {"label": "rotate + clip_search + GPTQ W4A4", "recipe": q("W4A4", PC, ["rotate", "clip_search", GPTQ], A4)},
     {
         "label": "W4A16-g64 RTN",
         "recipe": q("W4A16", {"group_size": 64}, ["rtn"]),
