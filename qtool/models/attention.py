@@ -17,6 +17,7 @@ steps 2-4 happen inside that cache instead.
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtool.quant.quantizer import QSpec, fake_quant, fake_quant_ste
+
+KV_SCALE_DTYPE = torch.float16  # what QuantizedKVCache stores per token and head (or group)
 
 
 @dataclass
@@ -46,7 +49,8 @@ class AttnQuantState:
     def _fq(self, x: torch.Tensor, spec: QSpec | None, shift, scale) -> torch.Tensor:
         if spec is None or not self.enabled:
             return x
-        fq = fake_quant_ste if self.ste else fake_quant
+        # the int4 cache stores K/V scales in float16: simulate exactly that
+        fq = fake_quant_ste if self.ste else functools.partial(fake_quant, scale_dtype=KV_SCALE_DTYPE)
         if shift is not None or scale is not None:
             sh = 0.0 if shift is None else shift[None, :, None, :].to(x.device, x.dtype)
             sc = 1.0 if scale is None else scale[None, :, None, :].to(x.device, x.dtype)

@@ -34,7 +34,7 @@ DECODE_SCHEMA = (
     "Tensor v_cache, Tensor v_meta, Tensor lengths, Tensor? k_pivot=None, Tensor? v_pivot=None, "
     "int group_size=-1, float? softmax_scale=None) -> Tensor"
 )
-MIN_SCALE = 2.0**-14  # smallest normal float16: a stored scale never rounds to zero
+MIN_SCALE = torch.finfo(torch.float16).tiny  # 2**-14: a stored scale never rounds to zero
 
 
 def kv_spec(head_dim: int, group_size: int, clip_ratio: float = 1.0) -> QSpec:

@@ -144,9 +144,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Q
     return (q.float() - z) * s
 
 
-def fake_quant(x: torch.Tensor, spec: QSpec, clip=None) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with dynamic parameters; returns ``x``'s dtype."""
+def fake_quant(
+    x: torch.Tensor, spec: QSpec, clip=None, scale_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with dynamic parameters; returns ``x``'s dtype.
+
+    ``scale_dtype``: round the scales to the dtype the runtime stores them in (at least its
+    smallest normal number), so the simulation computes exactly what the runtime will.
+    """
     scale, zero = compute_qparams(x, spec, clip)
+    if scale_dtype is not None:
+        scale = scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).to(scale.dtype)
     return dequantize(quantize(x, scale, zero, spec), scale, zero, spec).to(x.dtype)
 
 
