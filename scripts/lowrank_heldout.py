@@ -6,7 +6,7 @@ SmolLM2-135M, rotated (``rotate``, W4A4KV4 scheme: weights 4-bit per channel, ac
 per-token 4-bit clip 0.9); the full-precision model up to the layer (no earlier layer quantized,
 to isolate one solve). For ``q_proj`` and ``down_proj`` of one decoder layer the statistics of
 the inputs are collected on calibration windows (seed 0) of two sizes and on held-out windows
-(seed 123, validation split, disjoint draws), and :func:`qtool.algorithms.lowrank.lowrank_solve`
+(seed 123, validation split: independent random windows, not guaranteed disjoint), and :func:`qtool.algorithms.lowrank.lowrank_solve`
 is run at several rank fractions. The table reports the output error
 ``|W X - W^ Q(X) - U V^T X|^2 / |W X|^2`` on the calibration windows (what the solver minimizes)
 and on the held-out ones (what the model sees).
