@@ -50,7 +50,7 @@ class AttnQuantState:
         if spec is None or not self.enabled:
             return x
         # the int4 cache stores K/V scales in float16: simulate exactly that
-        fq = fake_quant_ste if self.ste else functools.partial(fake_quant, scale_dtype=KV_SCALE_DTYPE)
+        fq = functools.partial(fake_quant_ste if self.ste else fake_quant, scale_dtype=KV_SCALE_DTYPE)
         if shift is not None or scale is not None:
             sh = 0.0 if shift is None else shift[None, :, None, :].to(x.device, x.dtype)
             sc = 1.0 if scale is None else scale[None, :, None, :].to(x.device, x.dtype)

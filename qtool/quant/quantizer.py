@@ -158,11 +158,14 @@ def fake_quant(
     return dequantize(quantize(x, scale, zero, spec), scale, zero, spec).to(x.dtype)
 
 
-def fake_quant_ste(x: torch.Tensor, spec: QSpec, clip=None) -> torch.Tensor:
+def fake_quant_ste(
+    x: torch.Tensor, spec: QSpec, clip=None, scale_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Fake quantization whose gradient passes straight through the rounding.
 
     Gradients reach ``x`` (identity through round) and ``clip`` (through the scale), as in
-    learnable weight clipping (OmniQuant / BiSup).
+    learnable weight clipping (OmniQuant / BiSup). ``scale_dtype`` rounds the scales as in
+    :func:`fake_quant` (straight through as well).
     """
     xg, pad = _grouped(x.float(), spec)
     if spec.granularity == "tensor":
@@ -178,6 +181,9 @@ def fake_quant_ste(x: torch.Tensor, spec: QSpec, clip=None) -> torch.Tensor:
     else:
         scale = ((xmax - xmin) / (2**spec.bits - 1)).clamp(min=1e-8)
         zero = _round_ste(-xmin / scale) + spec.qmin
+    if scale_dtype is not None:
+        stored = scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).to(scale.dtype)
+        scale = scale + (stored - scale).detach()
     q = torch.clamp(_round_ste(xg / scale) + zero, spec.qmin, spec.qmax)
     out = ((q - zero) * scale).reshape(*x.shape[:-1], -1)
     if pad:
