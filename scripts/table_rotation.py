@@ -41,7 +41,10 @@ ROWS = [
         "label": "rotate + clip_search + GPTQ W4A4KV4",
         "recipe": q("W4A4KV4", PC, ["rotate", "clip_search", GPTQ], A4, KV4),
     },
-    {"label": "rotate + clip_search + GPTQ W4A4", "recipe": q("W4A4", PC, ["rotate", "clip_search", GPTQ], A4)},
+    {
+        "label": "rotate + clip_search + GPTQ W4A4",
+        "recipe": q("W4A4", PC, ["rotate", "clip_search", GPTQ], A4),
+    },
     {
         "label": "W4A16-g64 RTN",
         "recipe": q("W4A16", {"group_size": 64}, ["rtn"]),

@@ -41,7 +41,7 @@ from qtool.steps import register
 from qtool.steps.layerwise import LayerwiseRunner
 
 logger = logging.getLogger("qtool")
-CLIP_MAX = 0.999
+CLIP_HI = 2.0  # learned clip ratio in (0, CLIP_HI): above 1 keeps a grid wider than the weight's max
 
 
 class BisupLinear(nn.Module):
@@ -61,10 +61,13 @@ class BisupLinear(nn.Module):
         self.register_buffer("W0", W0)
         m, d = W0.shape
         base, _ = compute_qparams(W0, spec)
-        if lin.qweight is not None:  # reproduce the existing grid at the start
-            clip = (lin.qweight.scale.to(base) / base).clamp(0.3, CLIP_MAX)
+        if lin.qweight is not None:
+            # reproduce the existing grid at the start: GPTQ's scale can exceed max|W| / qmax
+            # (rows whose codes never reach the edge), hence ratios above 1
+            clip = lin.qweight.scale.to(base) / base
         else:
-            clip = mse_clip_search(W0, spec).clamp(0.3, CLIP_MAX)
+            clip = mse_clip_search(W0, spec)
+        clip = clip.clamp(0.05, 0.99 * CLIP_HI) / CLIP_HI
         self.clip_logit = nn.Parameter(torch.log(clip / (1 - clip)))
         g = torch.Generator().manual_seed(m * 7919 + d)
         self.A = nn.Parameter(torch.zeros(m, rank, device=W0.device)) if rank else None
@@ -79,7 +82,7 @@ class BisupLinear(nn.Module):
         return W
 
     def clip(self) -> torch.Tensor:
-        return torch.sigmoid(self.clip_logit)
+        return CLIP_HI * torch.sigmoid(self.clip_logit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin = self.lin

@@ -67,3 +67,23 @@ def test_training_lowers_the_block_loss(tiny_llama_dir):
         blocks
     )
     assert all(lin.qweight is not None for lin in ctx.model.modules() if hasattr(lin, "qweight"))
+
+
+@pytest.mark.parametrize("preset", ["W4A4KV4", "W4A16"])
+def test_untrained_bisup_after_gptq_keeps_the_gptq_grid(tiny_llama_dir, preset):
+    """BiSup starts from GPTQ's grid, including rows whose codes never reach the edge (their
+    scale exceeds max|W| / qmax): with nothing learned the fold gives back GPTQ's exact codes."""
+    scheme = {"preset": preset, "weights": {"bits": 4, "group_size": None}}
+    gptq = {"gptq": {"act_order": True, "mse_clip": True}}
+    ref = run_steps(tiny_llama_dir, ["rotate", gptq], scheme, checkpoint_dtype="float32")
+    bis = {"bisup": {"lr": 1e-12, "rank": 0, "smooth": False, "epochs": 1}}
+    got = run_steps(tiny_llama_dir, ["rotate", gptq, bis], scheme, checkpoint_dtype="float32")
+    pairs = [
+        (a, b)
+        for a, b in zip(ref.model.modules(), got.model.modules(), strict=True)
+        if getattr(a, "qweight", None) is not None
+    ]
+    assert pairs
+    for a, b in pairs:
+        assert torch.equal(a.qweight.codes, b.qweight.codes)
+        torch.testing.assert_close(a.qweight.scale, b.qweight.scale, rtol=1e-6, atol=0)
