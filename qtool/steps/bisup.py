@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -193,6 +194,11 @@ class BiSup(StepConfig):
     smooth: bool = Field(
         True, description="learn smoothing factors where they fold (norm->q/k/v, norm->gate/up, v->o)"
     )
+    loss: Literal["relative", "mse"] = Field(
+        "relative",
+        description="block-output loss: per-token squared error relative to the token's FP output "
+        "norm (tokens with massive activations do not dominate), or plain MSE",
+    )
     targets: list[str] | None = Field(None, description="linears to train (default: scheme.targets)")
     offload: bool = Field(True, description="keep calibration activations on the CPU")
 
@@ -279,17 +285,27 @@ class BiSup(StepConfig):
         with torch.no_grad():
             for key, s in s_norm.items():
                 norms[key].weight.data = (norms[key].weight.data / s.value()).to(norms[key].weight.dtype)
-        return {"mse_before": first, "mse_after": last, "trained_parameters": sum(p.numel() for p in params)}
+        return {
+            "loss_before": first,
+            "loss_after": last,
+            "loss": self.loss,
+            "trained_parameters": sum(p.numel() for p in params),
+        }
 
     def _optimize(self, runner, layer, goal, params, smooths) -> tuple[float, float]:
-        """Train ``params``; returns the block's output MSE over all samples before and after."""
+        """Train ``params``; returns the block's output loss over all samples before and after."""
+
+        def block_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            y, target = y.float(), target.float()
+            if self.loss == "mse":
+                return nn.functional.mse_loss(y, target)
+            err = (y - target).pow(2).sum(-1)
+            return (err / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
         def block_mse() -> float:
             with torch.no_grad():
                 errs = [
-                    nn.functional.mse_loss(
-                        runner.run_layer(layer, x.to(runner.device)).float(), y.to(runner.device).float()
-                    ).item()
+                    block_loss(runner.run_layer(layer, x.to(runner.device)), y.to(runner.device)).item()
                     for x, y in zip(runner.inputs, goal, strict=True)
                 ]
             return sum(errs) / max(len(errs), 1)
@@ -302,7 +318,7 @@ class BiSup(StepConfig):
         for _ in range(self.epochs):
             for b in torch.randperm(len(runner.inputs), generator=gen).tolist():
                 x, y = runner.inputs[b].to(runner.device), goal[b].to(runner.device)
-                loss = nn.functional.mse_loss(runner.run_layer(layer, x).float(), y.float())
+                loss = block_loss(runner.run_layer(layer, x), y)
                 if smooths and self.reg:
                     loss = loss + self.reg * sum(s.penalty() for s in smooths)
                 opt.zero_grad(set_to_none=True)

@@ -63,7 +63,7 @@ def test_training_lowers_the_block_loss(tiny_llama_dir):
     )
     blocks = ctx.results["bisup"]["blocks"]
     # the block output error on the calibration samples, trained (fake-quant) model vs its start
-    assert sum(b["mse_after"] for b in blocks.values()) < sum(b["mse_before"] for b in blocks.values()), (
+    assert sum(b["loss_after"] for b in blocks.values()) < sum(b["loss_before"] for b in blocks.values()), (
         blocks
     )
     assert all(lin.qweight is not None for lin in ctx.model.modules() if hasattr(lin, "qweight"))
