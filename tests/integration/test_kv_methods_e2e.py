@@ -95,6 +95,17 @@ def test_cli_quantize_eval_generate_with_pivot(tiny_llama_dir, tmp_path):
     g = json.loads(gj.read_text())
     assert "tokens/s" in res.output and 1 <= len(g["new_token_ids"]) <= 4
     assert g["pivot"] == [ctx.tokenizer.bos_token_id] and g["prefix_tokens"] > 1  # system prompt in 16 bits
+    assert g["kv_cache"].startswith("16-bit")  # no CUDA extension here: auto keeps the fake-quant path
+    # --kernels on: packed int4 linears + int4 KV cache (op references on CPU), same greedy tokens
+    gk = tmp_path / "gen_kernels.json"
+    args = ["generate", str(out), "--prompt", "Name a colour.", "--system", "Be brief."]
+    args += ["--max-new-tokens", "4", "--device", "cpu", "--kernels", "on", "--json", str(gk)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    k = json.loads(gk.read_text())
+    assert k["kv_cache"] == "int4 packed" and "int4 packed" in res.output
+    assert k["loaded"]["kernels"]["skipped"] > 0  # A8 linears have no packed kernel: they stay fake-quant
+    assert k["new_token_ids"][:2] == g["new_token_ids"][:2]
     res = runner.invoke(
         app,
         [
