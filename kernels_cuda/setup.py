@@ -22,7 +22,10 @@ VERSION = "0.1.0"
 
 
 def _skip(reason: str) -> None:
-    print(f"qtool_cuda: {reason}; building nothing (the pure-PyTorch reference ops stay in use)", file=sys.stderr)
+    print(
+        f"qtool_cuda: {reason}; building nothing (the pure-PyTorch reference ops stay in use)",
+        file=sys.stderr,
+    )
     setup(name=NAME, version=VERSION, py_modules=[], ext_modules=[])
 
 
