@@ -52,10 +52,20 @@ class AttnQuantState:
         # the int4 cache stores K/V scales in float16: simulate exactly that
         fq = functools.partial(fake_quant_ste if self.ste else fake_quant, scale_dtype=KV_SCALE_DTYPE)
         if shift is not None or scale is not None:
-            sh = 0.0 if shift is None else shift[None, :, None, :].to(x.device, x.dtype)
-            sc = 1.0 if scale is None else scale[None, :, None, :].to(x.device, x.dtype)
+            sh = 0.0 if shift is None else _channels(shift, x)
+            sc = 1.0 if scale is None else _channels(scale, x)
             return fq((x - sh) / sc, spec) * sc + sh
         return fq(x, spec)
+
+    def smooth_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x - shift) / scale`` of K and V: what :meth:`quantize_kv` quantizes (identity unset)."""
+
+        def f(x, shift, scale):
+            if shift is not None:
+                x = x - _channels(shift, x)
+            return x if scale is None else x / _channels(scale, x)
+
+        return f(k, self.k_shift, self.k_scale), f(v, self.v_shift, self.v_scale)
 
     def quantize_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fake-quantize K and V ``[B, H_kv, T, D]`` per token and head (or group of D)."""
@@ -63,6 +73,11 @@ class AttnQuantState:
             self._fq(k, self.k_spec, self.k_shift, self.k_scale),
             self._fq(v, self.v_spec, self.v_shift, self.v_scale),
         )
+
+
+def _channels(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel ``[H_kv, D]`` factor broadcast against ``[B, H_kv, T, D]``."""
+    return t[None, :, None, :].to(like.device, like.dtype)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

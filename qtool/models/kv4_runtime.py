@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from qtool.models.attention import attend, repeat_kv
+from qtool.models.attention import _channels, attend, repeat_kv
 from qtool.ops.kv4_attention import kv4_dequantize
 from qtool.ops.kv_cache import QuantizedKVCache
 
@@ -52,7 +52,7 @@ def _per_head(t: torch.Tensor | None, groups: int, like: torch.Tensor) -> torch.
     """``[H_kv, D]`` -> ``[1, H_kv * groups, 1, D]`` in ``like``'s dtype and device."""
     if t is None:
         return None
-    return repeat_kv(t[None, :, None, :].to(like.device, like.dtype), groups)
+    return repeat_kv(_channels(t, like), groups)
 
 
 class PackedKVCache(DynamicCache):
@@ -96,7 +96,7 @@ class PackedKVCache(DynamicCache):
         if self.prefix is not None and len(self.prefix):
             kp = self.prefix.keys[idx].to(k.device, torch.float32)
             vp = self.prefix.values[idx].to(k.device, torch.float32)
-            kp, vp = smooth_kv(st, kp, vp)
+            kp, vp = st.smooth_kv(kp, vp)
             kp, vp = kp.to(k.dtype), vp.to(k.dtype)
         cache = QuantizedKVCache(
             self.batch,
@@ -115,7 +115,7 @@ class PackedKVCache(DynamicCache):
     def attention(self, idx: int, st, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
         """Append the new tokens' K/V ``[B, H_kv, T, D]`` (after RoPE) and attend with ``q``."""
         cache = self._layer(idx, st, k)
-        ks, vs = smooth_kv(st, k, v)
+        ks, vs = st.smooth_kv(k, v)
         cache.append(ks, vs)
         t = q.shape[2]
         n = cache.host_lengths()[0]
@@ -145,19 +145,6 @@ class PackedKVCache(DynamicCache):
         if v_shift is not None:
             out = out + v_shift
         return out
-
-
-def smooth_kv(st, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKVQuant's per-channel transform ``(x - shift) / scale`` (identity when not set)."""
-
-    def f(x, shift, scale):
-        if shift is not None:
-            x = x - shift[None, :, None, :].to(x.device, x.dtype)
-        if scale is not None:
-            x = x / scale[None, :, None, :].to(x.device, x.dtype)
-        return x
-
-    return f(k, st.k_shift, st.k_scale), f(v, st.v_shift, st.v_scale)
 
 
 def packed_kv_reason(model) -> str | None:

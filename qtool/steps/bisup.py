@@ -147,23 +147,6 @@ class _Out(nn.Module):
         return self.smooth.value(self.repeat)
 
 
-def _ste_kv(state):
-    """A ``quantize_kv`` for the attention state that lets gradients through the rounding."""
-    from qtool.quant.quantizer import fake_quant_ste as fq
-
-    def one(x, spec, shift, scale):
-        if spec is None or not state.enabled:
-            return x
-        sh = 0.0 if shift is None else shift[None, :, None, :].to(x.dtype)
-        sc = 1.0 if scale is None else scale[None, :, None, :].to(x.dtype)
-        return fq((x - sh) / sc, spec) * sc + sh
-
-    return lambda k, v: (
-        one(k, state.k_spec, state.k_shift, state.k_scale),
-        one(v, state.v_spec, state.v_shift, state.v_scale),
-    )
-
-
 def _fp_reference(ctx, step):
     """The full-precision model in the quantized model's basis (snapshot, or rebuilt)."""
     if ctx._fp_model is not None:
@@ -273,11 +256,11 @@ class BiSup(StepConfig):
             params += [wr.clip_logit for wr in wrappers.values()]
         params += [s.s for s in smooths]
         state = adapter.attention(layer).qtool
-        state.quantize_kv = _ste_kv(state)
+        state.ste = True  # the state's own KV quantization, with gradients through the rounding
         try:
             first, last = self._optimize(runner, layer, goal, params, smooths)
         finally:
-            del state.quantize_kv
+            state.ste = False
             for name, wr in wrappers.items():
                 adapter.set_linear(layer, name, wr.lin)
         for wr in wrappers.values():

@@ -24,7 +24,6 @@ import time
 import torch
 from pydantic import Field, field_validator
 
-from qtool.models.kv4_runtime import smooth_kv
 from qtool.quant.quantizer import fake_quant
 from qtool.recipe import StepConfig
 from qtool.steps import register
@@ -81,7 +80,7 @@ class ClipSearch(StepConfig):
             st = runner.adapter.attention(layer).qtool
 
             def record(k, v):
-                ks, vs = smooth_kv(st, k, v)  # what is quantized (WKVQuant smoothing, when set)
+                ks, vs = st.smooth_kv(k, v)  # what is quantized (WKVQuant smoothing, when set)
                 kvs["k"].append(subsample(ks.transpose(1, 2)))  # [tokens * heads, D] rows
                 kvs["v"].append(subsample(vs.transpose(1, 2)))
                 return orig(k, v)
