@@ -43,11 +43,16 @@ class ActScheme(Closed):
     bits: int = Field(4, ge=2, le=8)
     clip_ratio: float = Field(1.0, gt=0.0, le=1.0)
     group_size: int | None = Field(None, ge=8, description="None = one scale per token")
+    ragged: bool = Field(
+        False, description="allow a shorter last group when group_size does not divide the width"
+    )
 
     def spec(self) -> QSpec:
         if self.group_size is None:
             return QSpec(self.bits, True, "token", clip_ratio=self.clip_ratio)
-        return QSpec(self.bits, True, "group", self.group_size, clip_ratio=self.clip_ratio)
+        return QSpec(
+            self.bits, True, "group", self.group_size, clip_ratio=self.clip_ratio, ragged=self.ragged
+        )
 
 
 class KVScheme(Closed):

@@ -37,11 +37,12 @@ W4A4KV4 = {
     "activations": {"bits": 4, "clip_ratio": 0.9},
     "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95},
 }
-# 576 = 4.5 x 128: the last group of the hidden-size inputs is ragged (64 wide); activations per token
+# g128 as in BiSup's W3A3 rows (Atom / QuaRot group setting): weights and activations both in groups
+# of 128 input channels; 576 = 4.5 x 128, so the last group of the hidden-size inputs is 64 wide
 W3A3 = {
     "preset": "W3A3",
     "weights": {"bits": 3, "group_size": 128, "ragged": True},
-    "activations": {"bits": 3, "clip_ratio": 0.9},
+    "activations": {"bits": 3, "clip_ratio": 0.9, "group_size": 128, "ragged": True},
 }
 GPTQ = {"gptq": {"act_order": True, "mse_clip": True}}
 

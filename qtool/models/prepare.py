@@ -53,6 +53,8 @@ def prepare_model(model: nn.Module, scheme) -> nn.Module:
             adapter.set_linear(layer, name, QLinear.from_linear(lin, spec, name=f"layers.{i}.{name}"))
             if scheme.weights is not None and name in scheme.targets:
                 scheme.weights.spec().check_width(lin.in_features, f"layers.{i}.{name}")
+            if spec is not None:
+                spec.check_width(lin.in_features, f"activations of layers.{i}.{name}")
         attn = adapter.attention(layer)
         state = getattr(attn, "qtool", None) or AttnQuantState()
         state.k_spec = kv.spec() if kv else None

@@ -168,7 +168,7 @@ class BiSup(StepConfig):
     """Block-wise QAT of weight clipping, soft-constrained smoothing and a low-rank compensation."""
 
     lr: float = Field(2e-3, gt=0.0, description="AdamW learning rate of every trained parameter")
-    epochs: int = Field(1, ge=1, le=50, description="passes over the calibration samples per block")
+    epochs: int = Field(4, ge=1, le=50, description="passes over the training samples per block")
     samples: int | None = Field(None, ge=1, description="calibration windows used (default: all)")
     batch_size: int = Field(1, ge=1, description="windows per optimizer step")
     rank: int = Field(8, ge=0, description="rank of the low-rank compensation A B folded into W (0 = none)")
@@ -181,6 +181,14 @@ class BiSup(StepConfig):
         "relative",
         description="block-output loss: per-token squared error relative to the token's FP output "
         "norm (tokens with massive activations do not dominate), or plain MSE",
+    )
+    holdout: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="share of the samples held out of training: after every epoch the block's "
+        "parameters with the lowest held-out loss so far are kept, and a block whose training never "
+        "beats its starting point on them keeps its start (0 = train on all, keep the last epoch)",
     )
     targets: list[str] | None = Field(None, description="linears to train (default: scheme.targets)")
     offload: bool = Field(True, description="keep calibration activations on the CPU")
@@ -258,7 +266,7 @@ class BiSup(StepConfig):
         state = adapter.attention(layer).qtool
         state.ste = True  # the state's own KV quantization, with gradients through the rounding
         try:
-            first, last = self._optimize(runner, layer, goal, params, smooths)
+            losses = self._optimize(runner, layer, goal, params, smooths)
         finally:
             state.ste = False
             for name, wr in wrappers.items():
@@ -269,14 +277,17 @@ class BiSup(StepConfig):
             for key, s in s_norm.items():
                 norms[key].weight.data = (norms[key].weight.data / s.value()).to(norms[key].weight.dtype)
         return {
-            "loss_before": first,
-            "loss_after": last,
+            **losses,
             "loss": self.loss,
             "trained_parameters": sum(p.numel() for p in params),
         }
 
-    def _optimize(self, runner, layer, goal, params, smooths) -> tuple[float, float]:
-        """Train ``params``; returns the block's output loss over all samples before and after."""
+    def _optimize(self, runner, layer, goal, params, smooths) -> dict:
+        """Train ``params`` on the training samples, keeping the best on the held-out ones.
+
+        Returns the block's output loss before and after over every sample, and over the held-out
+        samples alone, the epoch kept (0 = the starting point) and whether training was kept.
+        """
 
         def block_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             y, target = y.float(), target.float()
@@ -285,26 +296,57 @@ class BiSup(StepConfig):
             err = (y - target).pow(2).sum(-1)
             return (err / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
-        def block_mse() -> float:
+        def mean_loss(idx: list[int]) -> float:
+            if not idx:
+                return float("nan")
             with torch.no_grad():
                 errs = [
-                    block_loss(runner.run_layer(layer, x.to(runner.device)), y.to(runner.device)).item()
-                    for x, y in zip(runner.inputs, goal, strict=True)
+                    block_loss(
+                        runner.run_layer(layer, runner.inputs[b].to(runner.device)), goal[b].to(runner.device)
+                    )
+                    for b in idx
                 ]
-            return sum(errs) / max(len(errs), 1)
+            return float(sum(e.item() for e in errs) / len(errs))
 
-        before = block_mse()
+        n = len(runner.inputs)
+        n_hold = min(n - 1, round(n * self.holdout)) if self.holdout > 0 and n > 1 else 0
+        n_hold = max(n_hold, 1) if self.holdout > 0 and n > 1 else 0
+        train, hold = list(range(n - n_hold)), list(range(n - n_hold, n))
+        before_train, before_hold = mean_loss(train), mean_loss(hold)
+
+        def overall(tr: float, ho: float) -> float:
+            return (tr * len(train) + (ho * len(hold) if hold else 0.0)) / n
+
+        out = {"loss_before": overall(before_train, before_hold), "holdout_before": before_hold}
         if not params:
-            return before, before
+            return {**out, "loss_after": out["loss_before"], "holdout_after": before_hold, "epoch_kept": 0}
+        best = (before_hold, 0, [p.detach().clone() for p in params])
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(0)
-        for _ in range(self.epochs):
-            for b in torch.randperm(len(runner.inputs), generator=gen).tolist():
-                x, y = runner.inputs[b].to(runner.device), goal[b].to(runner.device)
+        for epoch in range(1, self.epochs + 1):
+            for b in torch.randperm(len(train), generator=gen).tolist():
+                x, y = runner.inputs[train[b]].to(runner.device), goal[train[b]].to(runner.device)
                 loss = block_loss(runner.run_layer(layer, x), y)
                 if smooths and self.reg:
                     loss = loss + self.reg * sum(s.penalty() for s in smooths)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        return before, block_mse()
+            if hold:
+                h = mean_loss(hold)
+                if h < best[0]:
+                    best = (h, epoch, [p.detach().clone() for p in params])
+        if hold:
+            with torch.no_grad():
+                for p, v in zip(params, best[2], strict=True):
+                    p.copy_(v)
+            after_hold, kept = best[0], best[1]
+        else:
+            after_hold, kept = float("nan"), self.epochs
+        after_train = mean_loss(train)
+        return {
+            **out,
+            "loss_after": overall(after_train, after_hold if hold else 0.0),
+            "holdout_after": after_hold,
+            "epoch_kept": kept,
+        }

@@ -34,7 +34,13 @@ def test_folded_model_equals_trained_fake_quant_model(tiny_llama_dir, monkeypatc
                 s.s.copy_(torch.empty(s.s.shape).uniform_(0.6, 1.6, generator=g))
             x = runner.inputs[0]
             seen.append((layer, x.clone(), runner.run_layer(layer, x).clone(), runner))
-        return 0.0, 0.0
+        return {
+            "loss_before": 0.0,
+            "loss_after": 0.0,
+            "holdout_before": 0.0,
+            "holdout_after": 0.0,
+            "epoch_kept": 1,
+        }
 
     parse_step("bisup", 0)  # loads every built-in step (importing one step module directly would not)
     monkeypatch.setattr(STEPS["bisup"], "_optimize", fake_optimize)
@@ -59,7 +65,10 @@ def test_training_lowers_the_block_loss(tiny_llama_dir):
     scheme = {"preset": "W3A3", "weights": {"group_size": 32}}
     calib = torch.randint(0, 2000, (4, 64), generator=torch.Generator().manual_seed(0))
     ctx = run_steps(
-        tiny_llama_dir, ["rotate", {"bisup": {"epochs": 2, "lr": 3e-3, "rank": 4}}], scheme, calib=calib
+        tiny_llama_dir,
+        ["rotate", {"bisup": {"epochs": 2, "lr": 3e-3, "rank": 4, "holdout": 0}}],
+        scheme,
+        calib=calib,
     )
     blocks = ctx.results["bisup"]["blocks"]
     # the block output error on the calibration samples, trained (fake-quant) model vs its start
@@ -87,3 +96,23 @@ def test_untrained_bisup_after_gptq_keeps_the_gptq_grid(tiny_llama_dir, preset):
     for a, b in pairs:
         assert torch.equal(a.qweight.codes, b.qweight.codes)
         torch.testing.assert_close(a.qweight.scale, b.qweight.scale, rtol=1e-6, atol=0)
+
+
+def test_held_out_samples_keep_the_best_epoch(tiny_llama_dir):
+    """A learning rate that wrecks training is caught on the held-out samples: every block ends no
+    worse there than where it started, and a block whose training never helped keeps GPTQ's codes."""
+    scheme = {"preset": "W4A4", "weights": {"bits": 4, "group_size": None}}
+    gptq = {"gptq": {"act_order": True, "mse_clip": True}}
+    calib = torch.randint(0, 2000, (4, 64), generator=torch.Generator().manual_seed(1))
+    ref = run_steps(tiny_llama_dir, ["rotate", gptq], scheme, calib=calib, checkpoint_dtype="float32")
+    bis = {"bisup": {"lr": 0.5, "epochs": 2, "rank": 2, "holdout": 0.5}}
+    got = run_steps(tiny_llama_dir, ["rotate", gptq, bis], scheme, calib=calib, checkpoint_dtype="float32")
+    blocks = got.results["bisup"]["blocks"]
+    assert all(b["holdout_after"] <= b["holdout_before"] for b in blocks.values()), blocks
+    reverted = [i for i, b in enumerate(blocks.values()) if b["epoch_kept"] == 0]
+    assert reverted, blocks  # lr 0.5 on clip logits, smoothing and A B never helps
+    for i in reverted:
+        a_layer, b_layer = ref.model.model.layers[i], got.model.model.layers[i]
+        for name in ("q_proj", "o_proj"):
+            a, b = getattr(a_layer.self_attn, name), getattr(b_layer.self_attn, name)
+            assert torch.equal(a.qweight.codes, b.qweight.codes)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qtool.quant.quantizer import sqnr_db
+from qtool.quant.quantizer import QSpec, fake_quant, sqnr_db
 from qtool.recipe import Recipe
 from qtool.steps import StepError, parse_step
 
@@ -103,3 +103,19 @@ def test_export_reload_reproduces_corrected_model(tiny_llama_dir, tmp_path, eval
     nll = torch.nn.functional.cross_entropy
     ppl = [nll(x[:, :-1].flatten(0, 1), eval_ids[:, 1:].flatten()).exp() for x in (expected, got)]
     assert float(ppl[1]) == pytest.approx(float(ppl[0]), rel=1e-4)
+
+
+def test_activation_groups_that_do_not_divide_a_width_need_ragged(tiny_llama_dir):
+    """Activation group 48 on the tiny model's 64-wide inputs: a clear error, unless ragged."""
+    from qtool.errors import QtoolError
+
+    scheme = {"preset": "W4A4", "activations": {"bits": 4, "group_size": 48}}
+    with pytest.raises((ValueError, QtoolError), match="group_size 48 does not divide the input width 64"):
+        run_steps(tiny_llama_dir, ["rtn"], scheme)
+    scheme["activations"]["ragged"] = True
+    ctx = run_steps(tiny_llama_dir, ["rtn"], scheme)
+    lin = ctx.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(
+        lin.quantize_input(x)[..., 48:], fake_quant(x[..., 48:], QSpec(4, True, "token"))
+    )

@@ -126,7 +126,7 @@ def test_unknown_top_level_key():
     [
         ("scheme", "  wieghts: {bits: 4}", "preset, weights, activations, kv_cache, targets"),
         ("weights", "    sym: true", "bits, symmetric, group_size, ragged"),
-        ("activations", "    symmetric: true", "bits, clip_ratio, group_size"),
+        ("activations", "    symmetric: true", "bits, clip_ratio, group_size, ragged"),
         ("kv_cache", "    bitz: 4", "bits, symmetric, group_size, clip_ratio, past_only"),
     ],
 )
