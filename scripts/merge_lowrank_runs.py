@@ -1,13 +1,16 @@
-"""Merge the runs of ``table_lowrank_bisup.py`` into results/table_lowrank_bisup.{json,md}.
+"""Merge runs of ``table_lowrank_bisup.py`` (split over processes with ``--only``) into one table.
 
-    python scripts/merge_lowrank_runs.py
+    python scripts/merge_lowrank_runs.py --out table_lowrank_bisup32 results/lr32_a.json results/lr32_b.json
 
-Rows come from results/table_lowrank_bisup_run1.json (FP, rotate + GPTQ, lowrank rows), the
-plain-MSE BiSup run (results/table_lr_bisup_mse.json, relabelled) and the ``--reuse`` reruns
-results/table_lr_{bisup,w3bisup,full}.json (their reused rows skipped); the gap closed is
-recomputed against each row's baseline. No number is computed here.
+Every input must have the same protocol (model, seq len, windows, calibration); rows copied from
+another run (``reused_from``) are skipped, a label present twice is an error. Rows are ordered as
+the table script lists them; the gap closed is recomputed against each row's baseline. No number
+is computed here: every ppl comes from the input files.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,47 +19,59 @@ R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "scripts"))
 from table_lowrank_bisup import markdown  # noqa: E402
 
-base = json.loads((R / "results/table_lowrank_bisup_run1.json").read_text())
-rows = list(base["rows"])
-
-
-def add(path, labels, rename=None):
-    d = json.loads(Path(path).read_text())
-    for r in d["rows"]:
-        if r["label"] in labels and not r.get("reused_from"):
-            r = dict(r)
-            if rename:
-                r["label"] = rename(r["label"])
-            r["run"] = Path(path).name
-            rows.append(r)
-
-
-add(R / "results/table_lr_bisup_mse.json", {"+ bisup"}, lambda label: label + " (plain-MSE loss, superseded)")
-for stem in ("table_lr_bisup", "table_lr_w3bisup", "table_lr_full"):
-    p = R / "results" / f"{stem}.json"
-    if p.exists():
-        add(p, {r["label"] for r in json.loads(p.read_text())["rows"]})
-order = [
+ORDER = [
     "FP (bf16 weights)",
     "W4A4KV4 rotate + GPTQ",
+    "+ lowrank 0.05 (1 it)",
     "+ lowrank 0.1 (1 it)",
+    "+ lowrank 0.2 (1 it)",
     "+ lowrank 0.3 (1 it)",
+    "+ lowrank 0.05 (3 it)",
+    "+ lowrank 0.1 (3 it)",
+    "+ lowrank 0.2 (3 it)",
+    "+ lowrank 0.3 (3 it)",
     "+ bisup",
-    "+ bisup (plain-MSE loss, superseded)",
+    "+ bisup + lowrank 0.3 + IntactKV",
     "W3A3-g128 rotate + GPTQ",
     "W3A3-g128 rotate + GPTQ + bisup",
 ]
-rows.sort(key=lambda r: order.index(r["label"]) if r["label"] in order else 99)
-fp = next(r["ppl"] for r in rows if r["baseline"] == "")
-by = {r["label"]: r for r in rows}
-for r in rows:
-    b = by.get(r["baseline"])
-    r["gap_closed"] = None
-    if b is not None and r is not b and b["ppl"] != fp:
-        r["gap_closed"] = (b["ppl"] - r["ppl"]) / (b["ppl"] - fp)
-meta = base["meta"]
-(R / "results/table_lowrank_bisup.json").write_text(
-    json.dumps({"meta": meta, "rows": rows}, indent=2, default=str)
-)
-(R / "results/table_lowrank_bisup.md").write_text(markdown(meta, rows))
-print(markdown(meta, rows))
+PROTOCOL = ("model", "seq_len", "windows", "calibration", "prefix")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", type=Path)
+    p.add_argument("--out", required=True, help="output stem under results/")
+    args = p.parse_args()
+    meta, rows, seen = None, [], {}
+    for path in args.inputs:
+        d = json.loads(path.read_text())
+        if meta is None:
+            meta = dict(d["meta"])
+        elif any(d["meta"].get(k) != meta.get(k) for k in PROTOCOL):
+            raise SystemExit(f"{path}: a different protocol from {args.inputs[0]} ({PROTOCOL})")
+        for r in d["rows"]:
+            if r.get("reused_from"):
+                continue
+            if r["label"] in seen:
+                raise SystemExit(f"{r['label']!r} is in both {seen[r['label']]} and {path}")
+            seen[r["label"]] = path
+            rows.append({**r, "run": path.name})
+    rows.sort(key=lambda r: ORDER.index(r["label"]) if r["label"] in ORDER else len(ORDER))
+    fp = next((r["ppl"] for r in rows if r["baseline"] == ""), None)
+    by = {r["label"]: r for r in rows}
+    for r in rows:
+        b = by.get(r["baseline"])
+        r["gap_closed"] = None
+        if fp is not None and b is not None and r is not b and b["ppl"] != fp:
+            r["gap_closed"] = (b["ppl"] - r["ppl"]) / (b["ppl"] - fp)
+    meta["merged_from"] = [p.name for p in args.inputs]
+    out = R / "results"
+    (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    (out / f"{args.out}.md").write_text(markdown(meta, rows))
+    print((out / f"{args.out}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,8 +96,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--bisup-samples", type=int, default=16)
-    p.add_argument("--bisup-epochs", type=int, default=1)
-    p.add_argument("--bisup-lr", type=float, default=2e-3)
+    p.add_argument("--bisup-epochs", type=int, default=4)
+    p.add_argument("--bisup-lr", type=float, default=1e-3)
     p.add_argument("--bisup-rank", type=int, default=8)
     p.add_argument(
         "--full-fraction", type=float, default=0.3, help="lowrank rank_fraction of the full recipe"

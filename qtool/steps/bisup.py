@@ -190,6 +190,12 @@ class BiSup(StepConfig):
         "parameters with the lowest held-out loss so far are kept, and a block whose training never "
         "beats its starting point on them keeps its start (0 = train on all, keep the last epoch)",
     )
+    head_loss: bool = Field(
+        True,
+        description="train the last block on the KL divergence of the next-token distribution "
+        "(its output through the final norm and lm_head) instead of its residual output, which the "
+        "final norm rescales per token",
+    )
     targets: list[str] | None = Field(None, description="linears to train (default: scheme.targets)")
     offload: bool = Field(True, description="keep calibration activations on the CPU")
 
@@ -210,9 +216,15 @@ class BiSup(StepConfig):
         report: dict[str, dict] = {}
         start = time.perf_counter()
 
+        head = None
+        if self.head_loss:
+            adapter = runner.adapter
+            head = (adapter.final_norm(ctx.model), adapter.lm_head(ctx.model))
+
         def train_layer(i: int, layer) -> None:
+            last = head if i == len(fp_layers) - 1 else None
             report[f"layers.{i}"] = self._train_block(
-                ctx, runner, layer, fp_layers[i].to(ctx.device), targets, spec
+                ctx, runner, layer, fp_layers[i].to(ctx.device), targets, spec, last
             )
 
         runner.run(train_layer, "bisup", fp_layers=fp_layers)
@@ -227,7 +239,7 @@ class BiSup(StepConfig):
         )
         logger.info("bisup: %d blocks in %.1fs", len(report), seconds)
 
-    def _train_block(self, ctx, runner, layer, fp_layer, targets, spec) -> dict:
+    def _train_block(self, ctx, runner, layer, fp_layer, targets, spec, head=None) -> dict:
         adapter, dev = runner.adapter, ctx.device
         with torch.no_grad():
             goal = [runner.run_layer(fp_layer, x).to(runner.store) for x in runner.fp_inputs]
@@ -266,7 +278,7 @@ class BiSup(StepConfig):
         state = adapter.attention(layer).qtool
         state.ste = True  # the state's own KV quantization, with gradients through the rounding
         try:
-            losses = self._optimize(runner, layer, goal, params, smooths)
+            losses = self._optimize(runner, layer, goal, params, smooths, head)
         finally:
             state.ste = False
             for name, wr in wrappers.items():
@@ -278,19 +290,33 @@ class BiSup(StepConfig):
                 norms[key].weight.data = (norms[key].weight.data / s.value()).to(norms[key].weight.dtype)
         return {
             **losses,
-            "loss": self.loss,
+            "loss": "kl" if head is not None else self.loss,
             "trained_parameters": sum(p.numel() for p in params),
         }
 
-    def _optimize(self, runner, layer, goal, params, smooths) -> dict:
+    def _optimize(self, runner, layer, goal, params, smooths, head=None) -> dict:
         """Train ``params`` on the training samples, keeping the best on the held-out ones.
 
         Returns the block's output loss before and after over every sample, and over the held-out
-        samples alone, the epoch kept (0 = the starting point) and whether training was kept.
+        samples alone, and the epoch kept (0 = the starting point). ``head = (final_norm, lm_head)``:
+        the loss is the KL divergence of the next-token distributions instead.
         """
+
+        def logits(h: torch.Tensor) -> torch.Tensor:
+            norm, lm = head
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+            h = h.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm.weight.detach().float()
+            bias = None if lm.bias is None else lm.bias.detach().float()
+            return nn.functional.linear(h, lm.weight.detach().float(), bias)
 
         def block_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             y, target = y.float(), target.float()
+            if head is not None:
+                with torch.no_grad():
+                    lp_t = torch.log_softmax(logits(target), dim=-1)
+                lp_y = torch.log_softmax(logits(y), dim=-1)
+                return (lp_t.exp() * (lp_t - lp_y)).sum(-1).mean()
             if self.loss == "mse":
                 return nn.functional.mse_loss(y, target)
             err = (y - target).pow(2).sum(-1)

@@ -25,7 +25,7 @@ def test_folded_model_equals_trained_fake_quant_model(tiny_llama_dir, monkeypatc
     then check that the folded block (plain quantized weights, 1/s in the norms) computes it."""
     seen = []
 
-    def fake_optimize(self, runner, layer, goal, params, smooths):
+    def fake_optimize(self, runner, layer, goal, params, smooths, head=None):
         g = torch.Generator().manual_seed(len(seen))
         with torch.no_grad():
             for p in params:
@@ -116,3 +116,27 @@ def test_held_out_samples_keep_the_best_epoch(tiny_llama_dir):
         for name in ("q_proj", "o_proj"):
             a, b = getattr(a_layer.self_attn, name), getattr(b_layer.self_attn, name)
             assert torch.equal(a.qweight.codes, b.qweight.codes)
+
+
+def test_last_block_loss_is_the_kl_of_the_model_outputs(tiny_llama_dir):
+    """``head_loss``: the last block is scored by the KL divergence of the next-token distribution;
+    with nothing learned before it, its starting loss is the KL between the full-precision model
+    and the quantized model on the calibration windows, as a plain forward of both computes it."""
+    from qtool.steps.intactkv import fp_reference
+
+    scheme = {"preset": "W4A4", "weights": {"bits": 4, "group_size": None}}
+    gptq = {"gptq": {"act_order": True, "mse_clip": True}}
+    calib = torch.randint(0, 2000, (4, 64), generator=torch.Generator().manual_seed(2))
+    ref = run_steps(tiny_llama_dir, ["rotate", gptq], scheme, calib=calib, checkpoint_dtype="float32")
+    fp = fp_reference(ref)
+    with torch.no_grad():
+        lp_fp = torch.log_softmax(fp(calib).logits.float(), -1)
+        lp_q = torch.log_softmax(ref.model(calib).logits.float(), -1)
+    kl = float((lp_fp.exp() * (lp_fp - lp_q)).sum(-1).mean())
+    bis = {"bisup": {"lr": 1e-12, "epochs": 1, "rank": 0, "smooth": False, "holdout": 0}}
+    got = run_steps(tiny_llama_dir, ["rotate", gptq, bis], scheme, calib=calib, checkpoint_dtype="float32")
+    blocks = got.results["bisup"]["blocks"]
+    last = blocks[f"layers.{len(blocks) - 1}"]
+    assert last["loss"] == "kl" and blocks["layers.0"]["loss"] == "relative"
+    assert kl > 1e-4
+    assert last["loss_before"] == pytest.approx(kl, rel=1e-3)
