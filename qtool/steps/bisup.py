@@ -27,6 +27,7 @@ only weight step) from the float weights with an MSE-searched clip.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Literal
@@ -147,6 +148,32 @@ class _Out(nn.Module):
         return self.smooth.value(self.repeat)
 
 
+def _head_logits(head, h: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of residual-stream states ``h`` through ``head = (final_norm, lm_head)``
+    (RMSNorm written out so no gradient reaches the frozen head)."""
+    norm, lm = head
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    h = h.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm.weight.detach().float().to(h.device)
+    bias = None if lm.bias is None else lm.bias.detach().float().to(h.device)
+    return nn.functional.linear(h, lm.weight.detach().float().to(h.device), bias)
+
+
+def _restore(adapter, layer, saved) -> None:
+    """Put back a decoder layer's weights, quantized weights, low-rank factors and norm gains."""
+    for name in adapter.linear_names():
+        lin, old = adapter.linear(layer, name), adapter.linear(saved, name)
+        lin.weight.data = old.weight.data.to(lin.weight.device)
+        if old.bias is not None:
+            lin.bias.data = old.bias.data.to(lin.bias.device)
+        if hasattr(old, "qweight"):
+            lin.qweight, lin.lora_U, lin.lora_V = old.qweight, old.lora_U, old.lora_V
+    for (norm, _), (old_norm, _) in zip(
+        adapter.norm_readers(layer), adapter.norm_readers(saved), strict=True
+    ):
+        norm.weight.data = old_norm.weight.data.to(norm.weight.device)
+
+
 def _fp_reference(ctx, step):
     """The full-precision model in the quantized model's basis (snapshot, or rebuilt)."""
     if ctx._fp_model is not None:
@@ -196,6 +223,13 @@ class BiSup(StepConfig):
         "(its output through the final norm and lm_head) instead of its residual output, which the "
         "final norm rescales per token",
     )
+    accept: Literal["model", "block"] = Field(
+        "model",
+        description="when a block's training is kept: `model` = only when the whole model's "
+        "next-token KL against the full-precision model on the held-out samples goes down (they "
+        "run through the rest of the network after each block); `block` = when the block's own "
+        "held-out loss goes down",
+    )
     targets: list[str] | None = Field(None, description="linears to train (default: scheme.targets)")
     offload: bool = Field(True, description="keep calibration activations on the CPU")
 
@@ -216,16 +250,47 @@ class BiSup(StepConfig):
         report: dict[str, dict] = {}
         start = time.perf_counter()
 
-        head = None
-        if self.head_loss:
-            adapter = runner.adapter
-            head = (adapter.final_norm(ctx.model), adapter.lm_head(ctx.model))
+        adapter = runner.adapter
+        model_head = (adapter.final_norm(ctx.model), adapter.lm_head(ctx.model))
+        head = model_head if self.head_loss else None
+        layers = adapter.layers(ctx.model)
+        hold = self._holdout(len(runner.inputs))
+        fp_logp: list[torch.Tensor] = []
+        if self.accept == "model" and hold:
+            with torch.no_grad():  # the full-precision next-token distribution of each held-out sample
+                for b in hold:
+                    h = runner.fp_inputs[b].to(ctx.device)
+                    for fl in fp_layers:
+                        h = self._run_moved(runner, fl, h)
+                    fp_logp.append(torch.log_softmax(_head_logits(model_head, h), dim=-1).to(runner.store))
+        kl_now: list[float] = []
+
+        def model_kl(i: int, layer) -> float:
+            """Held-out next-token KL (full precision -> quantized), layers < i as they stand now."""
+            total = 0.0
+            with torch.no_grad():
+                for b, lp in zip(hold, fp_logp, strict=True):
+                    h = runner.run_layer(layer, runner.inputs[b].to(ctx.device))
+                    for later in list(layers)[i + 1 :]:
+                        h = self._run_moved(runner, later, h)
+                    lq = torch.log_softmax(_head_logits(model_head, h), dim=-1)
+                    lp = lp.to(lq.device)
+                    total += float((lp.exp() * (lp - lq)).sum(-1).mean())
+            return total / len(hold)
 
         def train_layer(i: int, layer) -> None:
             last = head if i == len(fp_layers) - 1 else None
-            report[f"layers.{i}"] = self._train_block(
-                ctx, runner, layer, fp_layers[i].to(ctx.device), targets, spec, last
+            judge = None
+            if fp_logp:
+                if not kl_now:
+                    kl_now.append(model_kl(i, layer))
+                judge = (kl_now[-1], lambda: model_kl(i, layer))
+            rep = self._train_block(
+                ctx, runner, layer, fp_layers[i].to(ctx.device), targets, spec, last, judge
             )
+            if rep.get("kept") and judge is not None:
+                kl_now.append(rep["model_kl_after"])
+            report[f"layers.{i}"] = rep
 
         runner.run(train_layer, "bisup", fp_layers=fp_layers)
         seconds = time.perf_counter() - start
@@ -235,14 +300,37 @@ class BiSup(StepConfig):
                 "blocks": report,
                 "solve_seconds": seconds,
                 "trained_parameters": sum(r["trained_parameters"] for r in report.values()),
+                "blocks_kept": sum(bool(r["kept"]) for r in report.values()),
+                "model_kl": {"start": kl_now[0], "end": kl_now[-1]} if kl_now else None,
             },
         )
         logger.info("bisup: %d blocks in %.1fs", len(report), seconds)
 
-    def _train_block(self, ctx, runner, layer, fp_layer, targets, spec, head=None) -> dict:
+    def _holdout(self, n: int) -> list[int]:
+        """Indices of the held-out sample batches: the last ``holdout`` share, at least one."""
+        if self.holdout <= 0 or n < 2:
+            return []
+        return list(range(n - min(n - 1, max(1, round(n * self.holdout))), n))
+
+    @staticmethod
+    def _run_moved(runner, layer, h: torch.Tensor) -> torch.Tensor:
+        """Run ``layer`` on the device (moved there and back when it lives elsewhere)."""
+        home = next(layer.parameters()).device
+        out = runner.run_layer(layer.to(runner.device), h)
+        if home != runner.device:
+            layer.to(home)
+        return out
+
+    def _train_block(self, ctx, runner, layer, fp_layer, targets, spec, head=None, judge=None) -> dict:
+        """Train one decoder layer and fold the result into it.
+
+        ``judge = (loss_now, loss_fn)``: after folding, keep the training only if ``loss_fn()`` (the
+        model's held-out KL) is below ``loss_now``; otherwise the layer gets its starting point.
+        """
         adapter, dev = runner.adapter, ctx.device
         with torch.no_grad():
             goal = [runner.run_layer(fp_layer, x).to(runner.store) for x in runner.fp_inputs]
+        saved = copy.deepcopy(layer) if judge is not None else None  # before any wrapper goes in
         smooths: list[Smooth] = []
         wrappers: dict[str, BisupLinear] = {}
         norms = dict(zip(("qkv", "mlp"), (n for n, _ in adapter.norm_readers(layer)), strict=True))
@@ -275,6 +363,7 @@ class BiSup(StepConfig):
         if self.clip:
             params += [wr.clip_logit for wr in wrappers.values()]
         params += [s.s for s in smooths]
+        init = [p.detach().clone() for p in params]
         state = adapter.attention(layer).qtool
         state.ste = True  # the state's own KV quantization, with gradients through the rounding
         try:
@@ -283,11 +372,28 @@ class BiSup(StepConfig):
             state.ste = False
             for name, wr in wrappers.items():
                 adapter.set_linear(layer, name, wr.lin)
-        for wr in wrappers.values():
-            wr.fold(ctx.scale_dtype)
-        with torch.no_grad():
-            for key, s in s_norm.items():
-                norms[key].weight.data = (norms[key].weight.data / s.value()).to(norms[key].weight.dtype)
+
+        def fold() -> None:
+            for wr in wrappers.values():
+                wr.fold(ctx.scale_dtype)
+            with torch.no_grad():
+                for key, s in s_norm.items():
+                    norms[key].weight.data = (norms[key].weight.data / s.value()).to(norms[key].weight.dtype)
+
+        fold()
+        losses["kept"] = losses["epoch_kept"] > 0
+        if judge is not None:
+            losses["model_kl_before"] = losses["model_kl_after"] = judge[0]
+            if losses["kept"]:
+                after = judge[1]()
+                losses["model_kl_after"] = after
+                if not after < judge[0]:  # the start point, folded the same way
+                    losses["kept"], losses["model_kl_after"] = False, judge[0]
+                    _restore(adapter, layer, saved)
+                    with torch.no_grad():
+                        for p, v in zip(params, init, strict=True):
+                            p.copy_(v)
+                    fold()
         return {
             **losses,
             "loss": "kl" if head is not None else self.loss,
@@ -302,20 +408,12 @@ class BiSup(StepConfig):
         the loss is the KL divergence of the next-token distributions instead.
         """
 
-        def logits(h: torch.Tensor) -> torch.Tensor:
-            norm, lm = head
-            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-            h = h.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm.weight.detach().float()
-            bias = None if lm.bias is None else lm.bias.detach().float()
-            return nn.functional.linear(h, lm.weight.detach().float(), bias)
-
         def block_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             y, target = y.float(), target.float()
             if head is not None:
                 with torch.no_grad():
-                    lp_t = torch.log_softmax(logits(target), dim=-1)
-                lp_y = torch.log_softmax(logits(y), dim=-1)
+                    lp_t = torch.log_softmax(_head_logits(head, target), dim=-1)
+                lp_y = torch.log_softmax(_head_logits(head, y), dim=-1)
                 return (lp_t.exp() * (lp_t - lp_y)).sum(-1).mean()
             if self.loss == "mse":
                 return nn.functional.mse_loss(y, target)
@@ -335,9 +433,8 @@ class BiSup(StepConfig):
             return float(sum(e.item() for e in errs) / len(errs))
 
         n = len(runner.inputs)
-        n_hold = min(n - 1, round(n * self.holdout)) if self.holdout > 0 and n > 1 else 0
-        n_hold = max(n_hold, 1) if self.holdout > 0 and n > 1 else 0
-        train, hold = list(range(n - n_hold)), list(range(n - n_hold, n))
+        hold = self._holdout(n)
+        train = list(range(n - len(hold)))
         before_train, before_hold = mean_loss(train), mean_loss(hold)
 
         def overall(tr: float, ho: float) -> float:

@@ -48,7 +48,8 @@ def test_folded_model_equals_trained_fake_quant_model(tiny_llama_dir, monkeypatc
     # scales would turn that rounding into a few moved codes)
     monkeypatch.setattr(attention, "KV_SCALE_DTYPE", None)
     scheme = {"preset": "W4A4KV4", "weights": {"group_size": 32}}
-    run_steps(tiny_llama_dir, ["rotate", {"bisup": {"rank": 3}}], scheme, checkpoint_dtype="float32")
+    bis = {"bisup": {"rank": 3, "accept": "block"}}  # keep the perturbation whatever it does
+    run_steps(tiny_llama_dir, ["rotate", bis], scheme, checkpoint_dtype="float32")
     assert len(seen) == 2
     for layer, x, trained, runner in seen:
         for name in ("q_proj", "v_proj", "o_proj", "down_proj"):
@@ -140,3 +141,43 @@ def test_last_block_loss_is_the_kl_of_the_model_outputs(tiny_llama_dir):
     assert last["loss"] == "kl" and blocks["layers.0"]["loss"] == "relative"
     assert kl > 1e-4
     assert last["loss_before"] == pytest.approx(kl, rel=1e-3)
+
+
+def test_model_level_acceptance_never_raises_the_held_out_kl(tiny_llama_dir):
+    """``accept: model``: a block's training is kept only if the whole model's next-token KL on the
+    held-out windows goes down; the reported end KL is what a plain forward of the final model
+    gives on those windows, and rejected blocks keep GPTQ's codes."""
+    from qtool.steps.intactkv import fp_reference
+
+    scheme = {"preset": "W4A4", "weights": {"bits": 4, "group_size": None}}
+    gptq = {"gptq": {"act_order": True, "mse_clip": True}}
+    calib = torch.randint(0, 2000, (4, 64), generator=torch.Generator().manual_seed(3))
+    ref = run_steps(tiny_llama_dir, ["rotate", gptq], scheme, calib=calib, checkpoint_dtype="float32")
+    bis = {"bisup": {"lr": 3e-2, "epochs": 2, "rank": 2, "holdout": 0.5, "accept": "model"}}
+    got = run_steps(tiny_llama_dir, ["rotate", gptq, bis], scheme, calib=calib, checkpoint_dtype="float32")
+    res = got.results["bisup"]
+    kl = res["model_kl"]
+    assert kl["end"] <= kl["start"]
+    held = calib[2:]  # batch_size 1: the last half of the windows are held out
+    fp = fp_reference(ref)
+    with torch.no_grad():
+        lp = torch.log_softmax(fp(held).logits.float(), -1)
+        for model, want in ((ref.model, kl["start"]), (got.model, kl["end"])):
+            lq = torch.log_softmax(model(held).logits.float(), -1)
+            assert float((lp.exp() * (lp - lq)).sum(-1).mean()) == pytest.approx(want, rel=1e-3)
+    for i, b in enumerate(res["blocks"].values()):
+        if not b["kept"]:
+            for name in ("q_proj", "down_proj"):
+                a = (
+                    ref.model.model.layers[i].self_attn.q_proj
+                    if name == "q_proj"
+                    else ref.model.model.layers[i].mlp.down_proj
+                )
+                g = (
+                    got.model.model.layers[i].self_attn.q_proj
+                    if name == "q_proj"
+                    else got.model.model.layers[i].mlp.down_proj
+                )
+                assert torch.equal(a.qweight.codes, g.qweight.codes)
+        else:
+            assert b["model_kl_after"] < b["model_kl_before"]
