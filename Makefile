@@ -41,5 +41,12 @@ lint: setup
 kernels: setup
 	cd kernels_cuda && $(abspath $(PY)) -m pip install -q --no-build-isolation -e .
 
+# every README results table, each a single command (hours of CPU: see each table's windows)
+tables: setup
+	$(PY) scripts/table_foundation.py --limit 16
+	$(PY) scripts/table_rotation.py --limit 16 --calib-samples 64 --calib-seq-len 512
+	$(PY) scripts/table_kv_methods.py --limit 8
+	$(PY) scripts/table_lowrank_bisup.py --limit 32 --out table_lowrank_bisup32
+
 clean:
 	rm -rf out build kernels_cuda/build .pytest_cache

@@ -1,6 +1,9 @@
 """Low-rank correction and BiSup table (issue 5) on SmolLM2-135M.
 
-    python scripts/table_lowrank_bisup.py --limit 8     # writes results/table_lowrank_bisup.{json,md}
+    python scripts/table_lowrank_bisup.py --limit 32    # writes results/table_lowrank_bisup32.{json,md}
+
+Split over processes with ``--only`` (each with its own ``--out``), then
+``python scripts/merge_lowrank_runs.py --out table_lowrank_bisup32 results/<run>.json ...``.
 
 WikiText-2 test perplexity, seq len 2048, the same first N windows for every row and a BOS in
 front of every window (unscored; it is the IntactKV pivot of the full recipe, so every row scores
@@ -91,7 +94,7 @@ def rows(args) -> list[tuple[str, str, dict | None, list]]:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--limit", type=int, default=8, help="first N WikiText-2 test windows")
+    p.add_argument("--limit", type=int, default=32, help="first N WikiText-2 test windows")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--calib-seq-len", type=int, default=512)
@@ -103,7 +106,7 @@ def parse_args() -> argparse.Namespace:
         "--full-fraction", type=float, default=0.3, help="lowrank rank_fraction of the full recipe"
     )
     p.add_argument("--only", default="", help="comma-separated substrings: run only rows whose label matches")
-    p.add_argument("--out", default="table_lowrank_bisup", help="output stem under results/")
+    p.add_argument("--out", default="table_lowrank_bisup32", help="output stem under results/")
     p.add_argument(
         "--reuse",
         default=None,
