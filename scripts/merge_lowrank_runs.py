@@ -43,7 +43,7 @@ def main() -> int:
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--out", required=True, help="output stem under results/")
     args = p.parse_args()
-    meta, rows, seen = None, [], {}
+    meta, rows, seen, bisup = None, [], {}, {}
     for path in args.inputs:
         d = json.loads(path.read_text())
         if meta is None:
@@ -53,6 +53,8 @@ def main() -> int:
         for r in d["rows"]:
             if r.get("reused_from"):
                 continue
+            if any(isinstance(s, dict) and "bisup" in s for s in r["steps"]):
+                bisup[path.name] = d["meta"]["bisup"]
             if r["label"] in seen:
                 raise SystemExit(f"{r['label']!r} is in both {seen[r['label']]} and {path}")
             seen[r["label"]] = path
@@ -65,6 +67,10 @@ def main() -> int:
         r["gap_closed"] = None
         if fp is not None and b is not None and r is not b and b["ppl"] != fp:
             r["gap_closed"] = (b["ppl"] - r["ppl"]) / (b["ppl"] - fp)
+    if len({json.dumps(b, sort_keys=True) for b in bisup.values()}) > 1:
+        raise SystemExit(f"BiSup rows with different settings: {bisup}")
+    if bisup:  # the settings of the runs that gave the BiSup rows
+        meta["bisup"] = next(iter(bisup.values()))
     meta["merged_from"] = [p.name for p in args.inputs]
     out = R / "results"
     (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))

@@ -249,7 +249,10 @@ def main() -> int:
 def markdown(meta: dict, results: list[dict]) -> str:
     lines = [
         f"SmolLM2-135M ({meta['model']}), WikiText-2 test, seq len {meta['seq_len']}, first {meta['windows']} windows, "
-        f"{meta['prefix']}; calibration {meta['calibration']}; device {meta['device']} "
+        f"{meta['prefix']}; calibration {meta['calibration']}; BiSup on the first "
+        f"{meta['bisup']['samples']} calibration windows, {meta['bisup']['epochs']} epochs, lr {meta['bisup']['lr']:g}, "
+        f"rank {meta['bisup']['rank']}, other options the step's defaults (holdout 0.25, accept: model, head_loss); "
+        f"device {meta['device']} "
         f"({meta['threads']} threads); torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}, "
         f"qtool {meta['versions']['qtool']}.",
         "",
