@@ -194,7 +194,7 @@ def _fp_reference(ctx, step):
 class BiSup(StepConfig):
     """Block-wise QAT of weight clipping, soft-constrained smoothing and a low-rank compensation."""
 
-    lr: float = Field(2e-3, gt=0.0, description="AdamW learning rate of every trained parameter")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate of every trained parameter")
     epochs: int = Field(4, ge=1, le=50, description="passes over the training samples per block")
     samples: int | None = Field(None, ge=1, description="calibration windows used (default: all)")
     batch_size: int = Field(1, ge=1, description="windows per optimizer step")
