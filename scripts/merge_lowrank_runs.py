@@ -17,7 +17,7 @@ from pathlib import Path
 
 R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "scripts"))
-from table_lowrank_bisup import markdown  # noqa: E402
+from table_lowrank_bisup import markdown, set_gap_closed  # noqa: E402
 
 ORDER = [
     "FP (bf16 weights)",
@@ -60,13 +60,7 @@ def main() -> int:
             seen[r["label"]] = path
             rows.append({**r, "run": path.name})
     rows.sort(key=lambda r: ORDER.index(r["label"]) if r["label"] in ORDER else len(ORDER))
-    fp = next((r["ppl"] for r in rows if r["baseline"] == ""), None)
-    by = {r["label"]: r for r in rows}
-    for r in rows:
-        b = by.get(r["baseline"])
-        r["gap_closed"] = None
-        if fp is not None and b is not None and r is not b and b["ppl"] != fp:
-            r["gap_closed"] = (b["ppl"] - r["ppl"]) / (b["ppl"] - fp)
+    set_gap_closed(rows)
     if len({json.dumps(b, sort_keys=True) for b in bisup.values()}) > 1:
         raise SystemExit(f"BiSup rows with different settings: {bisup}")
     if bisup:  # the settings of the runs that gave the BiSup rows

@@ -144,13 +144,7 @@ def main() -> int:
         return math.exp(sum(nll) / len(nll))
 
     def write() -> None:
-        fp = next((r["ppl"] for r in results if r["baseline"] == ""), None)
-        by_label = {r["label"]: r for r in results}
-        for r in results:
-            b = by_label.get(r["baseline"])
-            r["gap_closed"] = None
-            if fp is not None and b is not None and r is not b and b["ppl"] != fp:
-                r["gap_closed"] = (b["ppl"] - r["ppl"]) / (b["ppl"] - fp)
+        set_gap_closed(results)
         meta = {
             "model": args.model,
             "data": "wikitext-2-raw-v1 test, rows joined with \\n\\n",
@@ -244,6 +238,17 @@ def main() -> int:
     write()
     print((REPO / "results" / f"{args.out}.md").read_text())
     return 0
+
+
+def set_gap_closed(rows: list[dict]) -> None:
+    """``gap_closed``: the share of the FP gap of each row's baseline that the row closes."""
+    fp = next((r["ppl"] for r in rows if r["baseline"] == ""), None)
+    by_label = {r["label"]: r for r in rows}
+    for r in rows:
+        b = by_label.get(r["baseline"])
+        r["gap_closed"] = None
+        if fp is not None and b is not None and r is not b and b["ppl"] != fp:
+            r["gap_closed"] = (b["ppl"] - r["ppl"]) / (b["ppl"] - fp)
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
