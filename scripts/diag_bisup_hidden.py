@@ -12,7 +12,6 @@ distribution and the NLL.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -27,14 +26,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def main() -> int:
     import torch
     import torch.nn.functional as F
+    from bisup_diag import gptq_base, train_bisup
 
     from qtool.api import versions
     from qtool.data.datasets import calibration_windows
-    from qtool.models.loading import load_hf_model
-    from qtool.models.prepare import prepare_model
-    from qtool.recipe import Recipe
-    from qtool.steps.base import Context
-    from qtool.steps.intactkv import fp_reference
+    from qtool.steps.bisup import next_token_kl
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -47,46 +43,17 @@ def main() -> int:
     p.add_argument("--out", default="diag_bisup_hidden")
     args = p.parse_args()
 
-    torch.manual_seed(0)
-    fp, tok = load_hf_model(args.model, "float32", "cpu")
-    calib = calibration_windows(tok, "wikitext2", "auto", args.calib_samples, args.calib_seq_len, 0)
-    held = calibration_windows(tok, "wikitext2", "auto", args.heldout, args.calib_seq_len, 123)
-    scheme = {
-        "preset": "W4A4KV4",
-        "weights": {"bits": 4, "group_size": None},
-        "activations": {"bits": 4, "clip_ratio": 0.9},
-        "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95},
-    }
-    gptq = {"gptq": {"act_order": True, "mse_clip": True}}
     bisup = {
-        "bisup": {
-            "samples": args.calib_samples,
-            "epochs": args.epochs,
-            "lr": args.lr,
-            "rank": 8,
-            "loss": args.loss,
-        }
+        "samples": args.calib_samples,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "rank": 8,
+        "loss": args.loss,
     }
-    recipe = Recipe.model_validate(
-        {
-            "model": args.model,
-            "device": "cpu",
-            "scheme": scheme,
-            "steps": ["rotate", gptq, bisup],
-            "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len},
-        }
-    )
-    base = copy.deepcopy(fp)
-    prepare_model(base, recipe.scheme)
-    ctx = Context(recipe=recipe, model=base, tokenizer=tok, device=torch.device("cpu"))
-    ctx._calibration = calib
-    recipe.steps[0].apply(ctx)
-    recipe.steps[1].apply(ctx)
-    fp_rot = fp_reference(ctx)
-    trained = copy.deepcopy(base)
-    tctx = Context(recipe=recipe, model=trained, tokenizer=tok, device=torch.device("cpu"))
-    tctx._calibration, tctx._fp_model = calib, fp_rot
-    recipe.steps[2].apply(tctx)
+    base_q = gptq_base(args.model, args.calib_samples, args.calib_seq_len, bisup)
+    held = calibration_windows(base_q.tok, "wikitext2", "auto", args.heldout, args.calib_seq_len, 123)
+    base, fp_rot = base_q.model, base_q.fp_rot
+    trained, tctx, _ = train_bisup(base_q, base_q.calib)
 
     @torch.no_grad()
     def forward(m, ids):
@@ -112,7 +79,7 @@ def main() -> int:
                 a, b = final_norm(h[-1]), final_norm(h_ref[-1])
                 normed.append(float(((a - b).pow(2).sum(-1) / b.pow(2).sum(-1)).mean()))
                 lp, lq = F.log_softmax(lg_ref[0], -1), F.log_softmax(lg[0], -1)
-                kl.append(float((lp.exp() * (lp - lq)).sum(-1).mean()))
+                kl.append(float(next_token_kl(lp, lq)))
                 nll.append(float(F.cross_entropy(lg[0, :-1], w[1:])))
             n = len(held)
             rows[label] = {
@@ -129,7 +96,7 @@ def main() -> int:
         "model": args.model,
         "calibration": f"{args.calib_samples} x {args.calib_seq_len} wikitext2 (train, else validation), seed 0",
         "held_out": f"{args.heldout} x {args.calib_seq_len} wikitext2 (train, else validation), seed 123",
-        "bisup": bisup["bisup"],
+        "bisup": bisup,
         "versions": versions(),
     }
     out = REPO / "results"
@@ -138,7 +105,7 @@ def main() -> int:
     )
     b, t = rows["W4A4KV4 rotate + GPTQ"], rows["+ bisup"]
     lines = [
-        f"SmolLM2-135M W4A4KV4 rotate + GPTQ, then BiSup {bisup['bisup']}; calibration {meta['calibration']}; "
+        f"SmolLM2-135M W4A4KV4 rotate + GPTQ, then BiSup {bisup}; calibration {meta['calibration']}; "
         f"held out {meta['held_out']}; full forward vs the rotated FP model; cpu, torch {meta['versions']['torch']}. "
         "Command: `python scripts/diag_bisup_hidden.py`",
         "",

@@ -12,7 +12,6 @@ and without an unscored BOS prefix. A training objective that transfers lowers e
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -28,15 +27,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main() -> int:
     import torch
+    from bisup_diag import gptq_base, train_bisup
 
     from qtool.api import versions
-    from qtool.data.datasets import calibration_windows
     from qtool.eval.perplexity import eval_token_ids, prefix_ids, window_nll
     from qtool.export.writer import round_unquantized_
-    from qtool.models.loading import load_hf_model
-    from qtool.models.prepare import prepare_model
-    from qtool.recipe import Recipe
-    from qtool.steps.base import Context
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -49,57 +44,15 @@ def main() -> int:
     p.add_argument("--out", default="diag_bisup_protocol")
     args = p.parse_args()
 
-    torch.manual_seed(0)
-    fp, tok = load_hf_model(args.model, "float32", "cpu")
-    calib = calibration_windows(tok, "wikitext2", "auto", args.calib_samples, args.calib_seq_len, 0)
+    bisup = {"samples": args.calib_samples, "epochs": args.epochs, "lr": args.lr, "rank": 8}
+    t0 = time.perf_counter()
+    base = gptq_base(args.model, args.calib_samples, args.calib_seq_len, bisup)
+    tok, calib = base.tok, base.calib
     bos = torch.full((calib.shape[0], 1), tok.bos_token_id, dtype=calib.dtype)
     calib_bos = torch.cat([bos, calib[:, :-1]], dim=1)
-    scheme = {
-        "preset": "W4A4KV4",
-        "weights": {"bits": 4, "group_size": None},
-        "activations": {"bits": 4, "clip_ratio": 0.9},
-        "kv_cache": {"bits": 4, "symmetric": False, "clip_ratio": 0.95},
-    }
-    bisup = {"bisup": {"samples": args.calib_samples, "epochs": args.epochs, "lr": args.lr, "rank": 8}}
-
-    def recipe(steps):
-        return Recipe.model_validate(
-            {
-                "model": args.model,
-                "device": "cpu",
-                "scheme": scheme,
-                "steps": steps,
-                "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len},
-            }
-        )
-
-    def run(model, steps, windows) -> tuple[Context, float]:
-        r = recipe(steps)
-        ctx = Context(recipe=r, model=model, tokenizer=tok, device=torch.device("cpu"))
-        ctx._calibration = windows
-        t0 = time.perf_counter()
-        for step in r.steps:
-            step.apply(ctx)
-        return ctx, time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    base = copy.deepcopy(fp)
-    gptq = {"gptq": {"act_order": True, "mse_clip": True}}
-    prepare_model(base, recipe(["rotate", gptq]).scheme)
-    base_ctx, base_s = run(base, ["rotate", gptq], calib)
-    models = {"W4A4KV4 rotate + GPTQ": (base, base_ctx, base_s)}
-    from qtool.steps.intactkv import fp_reference
-
-    fp_rot = fp_reference(base_ctx)  # reloaded and rotated like the base (same seed)
+    models = {"W4A4KV4 rotate + GPTQ": (base.model, base.ctx, base.seconds)}
     for label, windows in (("+ bisup (plain windows)", calib), ("+ bisup (BOS-first windows)", calib_bos)):
-        m = copy.deepcopy(base)
-        full = recipe(["rotate", gptq, bisup])
-        ctx = Context(recipe=full, model=m, tokenizer=tok, device=torch.device("cpu"))
-        ctx._fp_model = fp_rot
-        ctx._calibration = windows
-        t1 = time.perf_counter()
-        full.steps[-1].apply(ctx)
-        models[label] = (m, ctx, time.perf_counter() - t1)
+        models[label] = train_bisup(base, windows)
         print(f"{label}: trained in {models[label][2]:.0f}s", file=sys.stderr, flush=True)
 
     ids = eval_token_ids(tok, "wikitext2", "test")
@@ -127,7 +80,7 @@ def main() -> int:
         "model": args.model,
         "data": "wikitext-2-raw-v1 test, rows joined with \\n\\n; first windows of each length",
         "calibration": f"{args.calib_samples} x {args.calib_seq_len} wikitext2 (train, else validation), seed 0",
-        "bisup": bisup["bisup"],
+        "bisup": bisup,
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "versions": versions(),
@@ -138,7 +91,7 @@ def main() -> int:
     keys = list(rows[0]["ppl"])
     lines = [
         f"SmolLM2-135M W4A4KV4 (rotate + GPTQ, per-channel W4, A4 per token clip 0.9, KV4 asym clip 0.95); "
-        f"calibration {meta['calibration']}; BiSup {bisup['bisup']}; WikiText-2 test ppl, column = "
+        f"calibration {meta['calibration']}; BiSup {bisup}; WikiText-2 test ppl, column = "
         f"seq len / prefix / first windows; cpu, torch {meta['versions']['torch']}. "
         f"Command: `python scripts/diag_bisup_protocol.py`",
         "",

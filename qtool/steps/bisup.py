@@ -159,6 +159,11 @@ def _head_logits(head, h: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(h, lm.weight.detach().float().to(h.device), bias)
 
 
+def next_token_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(ref || q) between next-token log-distributions ``[..., vocab]``."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+
+
 def _restore(adapter, layer, saved) -> None:
     """Put back a decoder layer's weights, quantized weights, low-rank factors and norm gains."""
     for name in adapter.linear_names():
@@ -275,7 +280,7 @@ class BiSup(StepConfig):
                         h = self._run_moved(runner, later, h)
                     lq = torch.log_softmax(_head_logits(model_head, h), dim=-1)
                     lp = lp.to(lq.device)
-                    total += float((lp.exp() * (lp - lq)).sum(-1).mean())
+                    total += float(next_token_kl(lp, lq))
             return total / len(hold)
 
         def train_layer(i: int, layer) -> None:
@@ -414,15 +419,15 @@ class BiSup(StepConfig):
                 with torch.no_grad():
                     lp_t = torch.log_softmax(_head_logits(head, target), dim=-1)
                 lp_y = torch.log_softmax(_head_logits(head, y), dim=-1)
-                return (lp_t.exp() * (lp_t - lp_y)).sum(-1).mean()
+                return next_token_kl(lp_t, lp_y)
             if self.loss == "mse":
                 return nn.functional.mse_loss(y, target)
             err = (y - target).pow(2).sum(-1)
             return (err / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
-        def mean_loss(idx: list[int]) -> float:
+        def mean_loss(idx: list[int]) -> float | None:
             if not idx:
-                return float("nan")
+                return None  # no held-out samples (holdout 0, or a single sample)
             with torch.no_grad():
                 errs = [
                     block_loss(
@@ -465,7 +470,7 @@ class BiSup(StepConfig):
                     p.copy_(v)
             after_hold, kept = best[0], best[1]
         else:
-            after_hold, kept = float("nan"), self.epochs
+            after_hold, kept = None, self.epochs
         after_train = mean_loss(train)
         return {
             **out,

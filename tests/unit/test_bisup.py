@@ -77,6 +77,8 @@ def test_training_lowers_the_block_loss(tiny_llama_dir):
         blocks
     )
     assert all(lin.qweight is not None for lin in ctx.model.modules() if hasattr(lin, "qweight"))
+    # holdout 0: nothing held out, reported as null (valid JSON), not NaN
+    assert all(b["holdout_before"] is None and b["holdout_after"] is None for b in blocks.values())
 
 
 @pytest.mark.parametrize("preset", ["W4A4KV4", "W4A16"])
