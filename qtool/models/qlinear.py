@@ -73,7 +73,15 @@ class QLinear(nn.Module):
         self.weight.data = qw.dequantize().to(self.weight.dtype)
 
     def set_lowrank(self, U: torch.Tensor | None, V: torch.Tensor | None) -> None:
-        self.lora_U, self.lora_V = U, V
+        """Install the correction ``U`` ``[out, k]``, ``V`` ``[in, k]`` in one canonical layout.
+
+        Both factors are stored row-major (contiguous) whatever layout they arrive in: the
+        solver's ``V`` comes out of LAPACK column-major while a reloaded adapter is row-major, and
+        a matmul over differently strided operands may sum in a different order. One layout makes
+        the in-memory and the reloaded model compute bit-identically.
+        """
+        self.lora_U = None if U is None else U.contiguous()
+        self.lora_V = None if V is None else V.contiguous()
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input after the online transform, before activation quantization."""

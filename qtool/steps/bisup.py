@@ -117,9 +117,9 @@ class BisupLinear(nn.Module):
             if lin.bias is not None:
                 lin.bias.data = (lin.bias.data / so).to(lin.bias.dtype)
             if lin.lora_U is not None:
-                lin.lora_U = (lin.lora_U / so[:, None]).to(lin.lora_U.dtype)
+                lin.set_lowrank((lin.lora_U / so[:, None]).to(lin.lora_U.dtype), lin.lora_V)
         if self.s_in is not None and lin.lora_V is not None:
-            lin.lora_V = (lin.lora_V * self.s_in.value()[:, None]).to(lin.lora_V.dtype)
+            lin.set_lowrank(lin.lora_U, (lin.lora_V * self.s_in.value()[:, None]).to(lin.lora_V.dtype))
 
 
 class Smooth(nn.Module):
