@@ -51,10 +51,10 @@ kernels: setup
 
 # every README results table, each a single command (hours of CPU: see each table's windows)
 tables: setup
-	$(PY) scripts/table_foundation.py --limit 16
-	$(PY) scripts/table_rotation.py --limit 16 --calib-samples 64 --calib-seq-len 512
-	$(PY) scripts/table_kv_methods.py --limit 8
-	$(PY) scripts/table_lowrank_bisup.py --limit 32 --out table_lowrank_bisup32
+	$(PY) -m scripts.tables.table_foundation --limit 16
+	$(PY) -m scripts.tables.table_rotation --limit 16 --calib-samples 64 --calib-seq-len 512
+	$(PY) -m scripts.tables.table_kv_methods --limit 8
+	$(PY) -m scripts.tables.table_lowrank_bisup --limit 32 --out table_lowrank_bisup32
 
 clean:
 	rm -rf out build kernels_cuda/build .pytest_cache

@@ -221,3 +221,64 @@ def generate_text(
         "device": str(next(model.parameters()).device),
         "versions": versions(),
     }
+
+
+BENCH_KERNELS = ("matmul", "w4a4", "attention")
+
+
+def _require_cuda() -> None:
+    """The kernel benchmarks' CUDA check as a user error (it says to run ``make kernels``)."""
+    from qtool.bench.kernels import require_cuda
+
+    try:
+        require_cuda()
+    except RuntimeError as exc:
+        raise QtoolError(str(exc)) from None
+
+
+def bench_kernels(kind: str, iters: int = 50) -> dict[str, Any]:
+    """Time one kernel benchmark (``matmul``, ``w4a4`` or ``attention``) on the CUDA device.
+
+    Returns ``{"bench": kind, "device": device_info(), "rows": [...]}``, one row per shape.
+    """
+    from qtool.bench import kernels
+
+    fns = {
+        "matmul": kernels.bench_int4_matmul,
+        "w4a4": kernels.bench_w4a4,
+        "attention": kernels.bench_decode_attention,
+    }
+    if kind not in fns:
+        raise QtoolError(f"unknown kernel benchmark {kind!r}; choose from {', '.join(BENCH_KERNELS)}")
+    _require_cuda()
+    rows = fns[kind](iters=iters)
+    return {"bench": kind, "device": kernels.device_info(), "rows": rows}
+
+
+def bench_generate(
+    shape: str = "llama-2-7b",
+    batches: tuple[int, ...] = (1, 16),
+    context: int = 4096,
+    new_tokens: int = 64,
+    max_context: int = 32768,
+    group_size: int = 128,
+    device: str = "cuda",
+) -> dict[str, Any]:
+    """Decode tokens/s of a random-initialized model of ``shape``: 16-bit vs W4A16 + int4 KV.
+
+    Returns :func:`qtool.bench.generate.bench_generate`'s result with ``bench`` and ``device``
+    (the CUDA device's :func:`~qtool.bench.kernels.device_info`, or ``{"device": "cpu"}``) added.
+    """
+    from qtool.bench.generate import bench_generate as run
+
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        _require_cuda()
+    res = run(shape, tuple(batches), context, new_tokens, max_context, group_size, device=device)
+    if on_cuda:
+        from qtool.bench.kernels import device_info
+
+        info = device_info()
+    else:
+        info = {"device": "cpu"}
+    return {"bench": "generate", "device": info, **res}

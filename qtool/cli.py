@@ -251,25 +251,21 @@ app.add_typer(bench_app, name="bench")
 
 
 def _bench(kind: str, json_out: Path | None, iters: int) -> None:
-    from qtool.ops import bench
+    from qtool import api
 
-    fns = {
-        "matmul": bench.bench_int4_matmul,
-        "w4a4": bench.bench_w4a4,
-        "attention": bench.bench_decode_attention,
-    }
     try:
-        rows = fns[kind](iters=iters)
+        res = api.bench_kernels(kind, iters=iters)
     except (RuntimeError, QtoolError) as exc:
         _fail(exc)
-    table = Table(title=f"qtool bench {kind} ({bench.device_info().get('name', '?')})")
+    rows = res["rows"]
+    table = Table(title=f"qtool bench {kind} ({res['device'].get('device', '?')})")
     cols = list(dict.fromkeys(c for r in rows for c in r))
     for c in cols:
         table.add_column(c)
     for r in rows:
         table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in cols))
     console.print(table)
-    _write_json(json_out, {"bench": kind, "device": bench.device_info(), "rows": rows})
+    _write_json(json_out, res)
 
 
 @bench_app.command("matmul")
@@ -310,17 +306,13 @@ def bench_generate_cmd(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """Decode tokens/s: 16-bit model vs W4A16 + int4 KV cache, same random-initialized shapes."""
-    from qtool.ops import bench
-    from qtool.ops.bench_generate import bench_generate
+    from qtool import api
 
-    if device.startswith("cuda"):
-        try:
-            bench.require_cuda()
-        except RuntimeError as exc:
-            _fail(exc)
     try:
-        res = bench_generate(shape, tuple(batch), context, new_tokens, max_context, group_size, device=device)
-    except ValueError as exc:
+        res = api.bench_generate(
+            shape, tuple(batch), context, new_tokens, max_context, group_size, device=device
+        )
+    except (QtoolError, ValueError) as exc:
         _fail(exc)
     title = f"qtool bench generate: {shape}, context {context}, {new_tokens} decode steps ({device})"
     table = Table(title=title)
@@ -336,8 +328,7 @@ def bench_generate_cmd(
             f"{label}: max batch at {m['context']} tokens = {m['max_batch']} "
             f"({m['kv_gib_per_sequence']} GiB KV per sequence; estimate from free memory)"
         )
-    info = bench.device_info() if device.startswith("cuda") else {"device": "cpu"}
-    _write_json(json_out, {"bench": "generate", "device": info, **res})
+    _write_json(json_out, res)
 
 
 if __name__ == "__main__":  # pragma: no cover

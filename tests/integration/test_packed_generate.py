@@ -150,7 +150,7 @@ def test_smollm2_packed_generation_same_tokens(smollm2_path):
 
 def test_bench_generate_runs_on_cpu_references():
     """The benchmark's plumbing on a tiny random model (timings on CPU mean nothing)."""
-    from qtool.ops.bench_generate import bench_generate
+    from qtool.bench.generate import bench_generate
 
     res = bench_generate("tiny", (1, 2), context=24, new_tokens=3, max_context=512, device="cpu")
     rows = {(r["model"], r["batch"]): r for r in res["rows"]}
@@ -161,3 +161,29 @@ def test_bench_generate_runs_on_cpu_references():
         assert q["kv_cache_bytes"] <= 0.3 * fp["kv_cache_bytes"] and q["tokens_per_s"] > 0
     with pytest.raises(ValueError, match="unknown model shape"):
         bench_generate("llama-9000", device="cpu")
+
+
+def test_bench_cli_goes_through_the_api(tmp_path):
+    """``qtool bench generate`` on CPU (tiny shape) writes the API's result; a kernel benchmark
+    without CUDA + the extension (or an unknown shape) is a one-line user error, exit 2."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from qtool.cli import app
+    from qtool.ops.registry import backend
+
+    runner = CliRunner()
+    out = tmp_path / "gen.json"
+    args = ["bench", "generate", "--shape", "tiny", "--device", "cpu", "--batch", "1"]
+    args += ["--context", "16", "--new-tokens", "2", "--max-context", "256", "--json", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["bench"] == "generate" and data["device"] == {"device": "cpu"}
+    assert {r["model"] for r in data["rows"]} == {"16-bit", "W4A16 + KV4"}
+    res = runner.invoke(app, ["bench", "generate", "--shape", "llama-9000", "--device", "cpu"])
+    assert res.exit_code == 2 and "unknown model shape" in res.output
+    if not (torch.cuda.is_available() and backend() == "cuda"):
+        res = runner.invoke(app, ["bench", "matmul", "--iters", "1"])
+        assert res.exit_code == 2 and "make kernels" in res.output and "Traceback" not in res.output

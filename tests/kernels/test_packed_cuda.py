@@ -45,12 +45,12 @@ def test_packed_kv_generation_matches_fake_quant(past_only):
     """Random Llama-shaped model (head_dim 64), W4A16-g64 + KV4: packed linears + int4 KV cache
     (CUDA kernels) against the fake-quant path, prefill and decode steps, by logits SQNR."""
     from qtool.algorithms.gptq import rtn_quantize
+    from qtool.bench.generate import random_model
     from qtool.models.kv4_runtime import PackedKVCache
     from qtool.models.packed import pack_model
     from qtool.models.pivot import cache_kw
     from qtool.models.prepare import iter_qlinears, prepare_model
     from qtool.models.qlinear import QuantizedWeight
-    from qtool.ops.bench_generate import random_model
     from qtool.quant.quantizer import sqnr_db
     from qtool.recipe import Scheme
 

@@ -1,6 +1,6 @@
-"""Merge runs of ``table_lowrank_bisup.py`` (split over processes with ``--only``) into one table.
+"""Merge runs of ``table_lowrank_bisup`` (split over processes with ``--only``) into one table.
 
-    python scripts/merge_lowrank_runs.py --out table_lowrank_bisup32 results/lr32_a.json results/lr32_b.json
+    python -m scripts.tables.merge_lowrank_runs --out table_lowrank_bisup32 results/lr32_a.json results/lr32_b.json
 
 Every input must have the same protocol (model, seq len, windows, calibration); rows copied from
 another run (``reused_from``) are skipped, a label present twice is an error. Rows are ordered as
@@ -15,9 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-R = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(R / "scripts"))
-from table_lowrank_bisup import markdown, set_gap_closed  # noqa: E402
+from scripts.tables.common import RESULTS
+from scripts.tables.table_lowrank_bisup import markdown, set_gap_closed
 
 ORDER = [
     "FP (bf16 weights)",
@@ -66,7 +65,7 @@ def main() -> int:
     if bisup:  # the settings of the runs that gave the BiSup rows
         meta["bisup"] = next(iter(bisup.values()))
     meta["merged_from"] = [p.name for p in args.inputs]
-    out = R / "results"
+    out = RESULTS
     (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     (out / f"{args.out}.md").write_text(markdown(meta, rows))
     print((out / f"{args.out}.md").read_text())

@@ -10,11 +10,11 @@
 # generated c10/cuda/impl/cuda_cmake_macros.h, so a one-line stand-in is written to the
 # temporary folder (it only defines C10_CUDA_BUILD_SHARED_LIBS, as the CUDA wheels do).
 #
-#   bash scripts/check_cuda_build.sh            # uses .venv/bin/python when present
-#   PYTHON=python3 NVCC=/usr/local/cuda/bin/nvcc CXX_STD=c++20 bash scripts/check_cuda_build.sh
+#   bash scripts/dev/check_cuda_build.sh            # uses .venv/bin/python when present
+#   PYTHON=python3 NVCC=/usr/local/cuda/bin/nvcc CXX_STD=c++20 bash scripts/dev/check_cuda_build.sh
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CSRC="$ROOT/kernels_cuda/csrc"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3

@@ -1,7 +1,7 @@
 """Benchmark qtool's CUDA kernels against 16-bit PyTorch and write JSON + a markdown table.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_kernels.py --out results/kernels
-    PYTHONPATH=. .venv/bin/python scripts/bench_kernels.py --only int4 --rows 1 16 --iters 20
+    .venv/bin/python -m scripts.bench.bench_kernels     # writes results/kernels.{json,md}
+    .venv/bin/python -m scripts.bench.bench_kernels --only int4 --rows 1 16 --iters 20
 
 Needs a CUDA device and the built extension (`make kernels`); the device, clocks, versions and
 peak numbers used for "share of peak" are recorded next to the rows.
@@ -15,7 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from qtool.ops import bench
+from qtool.bench import kernels as bench
+from scripts.tables.common import RESULTS, command
 
 log = logging.getLogger("bench_kernels")
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--out", type=Path, default=Path("results/kernels"), help="writes OUT.json and OUT.md")
+    p.add_argument("--out", type=Path, default=RESULTS / "kernels", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = [
         f"# qtool kernel benchmarks\n\nDevice: {dev['device']} (sm_{str(dev['capability']).replace('.', '')}), "
         f"torch {dev['torch']}, CUDA {dev['cuda']}; median of {args.iters} runs after {args.warmup} warm-up "
-        f"runs, CUDA events. Produced by `scripts/bench_kernels.py`.\n"
+        f"runs, CUDA events. Produced by `{command()}`.\n"
     ]
     for key in ("int4_matmul", "w4a4", "kv4_decode"):
         if key in report:

@@ -15,6 +15,8 @@ then times ``new_tokens`` greedy decode steps for the whole batch. The maximum b
 cache's bytes per sequence (16-bit: ``2 * layers * kv_heads * head_dim * 2`` bytes per token;
 int4: the packed words plus float16 scale and zero per token and head), with a reserve for the
 activations; it is an estimate from measured quantities, stated as such.
+
+``qtool bench generate`` runs it through :func:`qtool.api.bench_generate`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Every function times with CUDA events (warm-up, then the median of ``iters`` runs) and returns
 one dict per configuration; :func:`device_info` records the device, clocks and the peak numbers
-used for the "share of peak" columns. ``scripts/bench_kernels.py`` runs them all and writes a
-JSON file and a markdown table. All of it needs a CUDA device and the built extension.
+used for the "share of peak" columns. ``qtool bench matmul|w4a4|attention`` runs one of them
+(through :func:`qtool.api.bench_kernels`); ``python -m scripts.bench.bench_kernels`` runs them all
+and writes a JSON file and a markdown table. All of it needs a CUDA device and the built extension.
 """
 
 from __future__ import annotations

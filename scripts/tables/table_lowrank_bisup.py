@@ -1,9 +1,9 @@
 """Low-rank correction and BiSup table (issue 5) on SmolLM2-135M.
 
-    python scripts/table_lowrank_bisup.py --limit 32    # writes results/table_lowrank_bisup32.{json,md}
+    python -m scripts.tables.table_lowrank_bisup --limit 32    # writes results/table_lowrank_bisup32.{json,md}
 
 Split over processes with ``--only`` (each with its own ``--out``), then
-``python scripts/merge_lowrank_runs.py --out table_lowrank_bisup32 results/<run>.json ...``.
+``python -m scripts.tables.merge_lowrank_runs --out table_lowrank_bisup32 results/<run>.json ...``.
 
 WikiText-2 test perplexity, seq len 2048, the same first N windows for every row and a BOS in
 front of every window (unscored; it is the IntactKV pivot of the full recipe, so every row scores
@@ -23,16 +23,12 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
-os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from scripts.tables.common import RESULTS
 
 W4A4KV4 = {
     "preset": "W4A4KV4",
@@ -163,7 +159,7 @@ def main() -> int:
             "threads": torch.get_num_threads(),
             "versions": versions(),
         }
-        out = REPO / "results"
+        out = RESULTS
         out.mkdir(exist_ok=True)
         (out / f"{args.out}.json").write_text(
             json.dumps({"meta": meta, "rows": results}, indent=2, default=str)
@@ -236,7 +232,7 @@ def main() -> int:
         del model
 
     write()
-    print((REPO / "results" / f"{args.out}.md").read_text())
+    print((RESULTS / f"{args.out}.md").read_text())
     return 0
 
 

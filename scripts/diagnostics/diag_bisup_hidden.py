@@ -1,6 +1,6 @@
 """Where does BiSup's lower block loss go? (issue 5 diagnostic)
 
-    python scripts/diag_bisup_hidden.py     # writes results/diag_bisup_hidden.{json,md}
+    python -m scripts.diagnostics.diag_bisup_hidden     # writes results/diag_bisup_hidden.{json,md}
 
 W4A4KV4 rotate + GPTQ on SmolLM2-135M, then BiSup on a copy. On held-out WikiText-2 windows (not
 used in calibration) both models run a full forward next to the rotated full-precision model; per
@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
-os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from scripts.diagnostics.bisup_diag import gptq_base, train_bisup
+from scripts.tables.common import RESULTS, command
 
 
 def main() -> int:
     import torch
     import torch.nn.functional as F
-    from bisup_diag import gptq_base, train_bisup
 
     from qtool.api import versions
     from qtool.data.datasets import calibration_windows
@@ -99,7 +94,7 @@ def main() -> int:
         "bisup": bisup,
         "versions": versions(),
     }
-    out = REPO / "results"
+    out = RESULTS
     (out / f"{args.out}.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "bisup_blocks": blocks}, indent=2)
     )
@@ -107,7 +102,7 @@ def main() -> int:
     lines = [
         f"SmolLM2-135M W4A4KV4 rotate + GPTQ, then BiSup {bisup}; calibration {meta['calibration']}; "
         f"held out {meta['held_out']}; full forward vs the rotated FP model; cpu, torch {meta['versions']['torch']}. "
-        "Command: `python scripts/diag_bisup_hidden.py`",
+        f"Command: `{command()}`",
         "",
         "| quantity | rotate + GPTQ | + bisup | bisup's own block loss (runner, calibration) before -> after |",
         "|---|---:|---:|---:|",

@@ -1,7 +1,7 @@
 """Wall time and peak memory of rotate + GPTQ on a random-initialized model of real shapes.
 
-    python scripts/bench_quantize.py --shape llama2-7b --device cuda --samples 128 --seq-len 2048
-    python scripts/bench_quantize.py --shape smollm2 --device cpu --samples 128 --seq-len 512
+    python -m scripts.bench.bench_quantize --shape llama2-7b --device cuda --samples 128 --seq-len 2048
+    python -m scripts.bench.bench_quantize --shape smollm2 --device cpu --samples 128 --seq-len 512
 
 Timing does not depend on weight values, so no download is needed: the model is built from a
 LlamaConfig with the named shapes and random weights, calibrated on random token ids. Writes
@@ -15,11 +15,11 @@ import json
 import os
 import resource
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from scripts.tables.common import RESULTS
+
 SHAPES = {
     "tiny": dict(
         hidden_size=128,
@@ -129,7 +129,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "versions": versions(),
     }
-    dest = REPO / "results" / f"bench_quantize_{args.shape}_{device.type}.json"
+    dest = RESULTS / f"bench_quantize_{args.shape}_{device.type}.json"
     dest.parent.mkdir(exist_ok=True)
     dest.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))

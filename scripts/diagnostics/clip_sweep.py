@@ -1,6 +1,6 @@
 """Activation / KV clip-ratio sensitivity of a quantized checkpoint (issue 3).
 
-    python scripts/clip_sweep.py CHECKPOINT --limit 4 --act 0.8,0.85,0.9,0.95,1.0 --kv 0.9,0.95,1.0
+    python -m scripts.diagnostics.clip_sweep CHECKPOINT --limit 4 --act 0.8,0.85,0.9,0.95,1.0 --kv 0.9,0.95,1.0
 
 The clip ratios of dynamic per-token activation and KV quantization are run-time settings (the
 weights do not depend on them), so one GPTQ run can be evaluated at several. Rows vary the
@@ -13,13 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
-os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
+from scripts.tables.common import RESULTS, command
 
 
 def main() -> int:
@@ -83,9 +79,9 @@ def main() -> int:
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "versions": versions(),
-        "command": " ".join(["python", "scripts/clip_sweep.py", *sys.argv[1:]]),
+        "command": command(),
     }
-    out = REPO / "results"
+    out = RESULTS
     out.mkdir(exist_ok=True)
     (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     lines = ["| activation clip | KV clip | ppl |", "|---:|---:|---:|"]

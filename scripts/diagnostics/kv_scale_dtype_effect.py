@@ -1,6 +1,6 @@
 """Effect of storing KV scales in float16 (as the int4 cache does) on the simulated perplexity.
 
-    python scripts/kv_scale_dtype_effect.py --limit 4
+    python -m scripts.diagnostics.kv_scale_dtype_effect --limit 4
 
 Since the int4 KV cache landed in generation, qtool's fake-quant KV path rounds its per-token
 scales to float16 (``qtool.models.attention.KV_SCALE_DTYPE``); tables measured before used float32
@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
-os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
+from scripts.tables.common import RESULTS, command
 
 SCHEMES = {
     "W4KV4 RTN (g64 weights, KV per token/head asym)": {
@@ -61,9 +57,9 @@ def main() -> int:
         "windows": f"first {args.limit}",
         "device": "cpu",
         "versions": versions(),
-        "command": " ".join(["python", "scripts/kv_scale_dtype_effect.py", *sys.argv[1:]]),
+        "command": command(),
     }
-    out = REPO / "results"
+    out = RESULTS
     (out / "kv_scale_dtype_effect.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["| model | ppl, float32 KV scales | ppl, float16 KV scales | change |", "|---|---:|---:|---:|"]
     lines += [

@@ -1,4 +1,4 @@
-"""Shared set-up of the BiSup diagnostics (``diag_bisup_hidden.py``, ``diag_bisup_protocol.py``).
+"""Shared set-up of the BiSup diagnostics (``diag_bisup_hidden``, ``diag_bisup_protocol``).
 
 One W4A4KV4 rotate + GPTQ model of the lowrank/BiSup table (same scheme, same GPTQ options), its
 rotated full-precision reference, and BiSup trained on a copy of it.
@@ -10,7 +10,7 @@ import copy
 import time
 from dataclasses import dataclass
 
-from table_lowrank_bisup import GPTQ, W4A4KV4
+from scripts.tables.table_lowrank_bisup import GPTQ, W4A4KV4
 
 
 @dataclass

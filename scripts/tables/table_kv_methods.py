@@ -1,7 +1,7 @@
 """KV-cache methods table (issue 4): WKVQuant (past-only, kv_smooth, cross-block learning),
 IntactKV (plain, calibrated) and prompt mixed precision on SmolLM2-135M.
 
-    python scripts/table_kv_methods.py --limit 8      # writes results/table_kv_methods.{json,md}
+    python -m scripts.tables.table_kv_methods --limit 8      # writes results/table_kv_methods.{json,md}
 
 Table 1: WikiText-2 perplexity, seq len 2048, the same first N windows and a BOS prefix in front
 of every window for every row (so rows with and without the IntactKV pivot score the same
@@ -22,17 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
-os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from scripts.tables.common import REPO, RESULTS, command
 
 
 def parse_args() -> argparse.Namespace:
@@ -145,7 +140,7 @@ def main() -> None:
     rows: list[dict] = []
     chat: list[dict] = []
     t_start = time.perf_counter()
-    out = REPO / "results"
+    out = RESULTS
     out.mkdir(exist_ok=True)
 
     def ppl_row(label: str, model, tok, note: str = "", quantize_s: float = 0.0, group: str = "") -> float:
@@ -324,7 +319,7 @@ def write(args, rows, chat, out: Path, done: bool = False, seconds: float | None
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "versions": versions(),
-        "command": " ".join(["python", "scripts/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command(),
         "complete": done,
         "seconds": seconds,
     }

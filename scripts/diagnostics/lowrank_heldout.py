@@ -1,6 +1,6 @@
 """Does a layer's low-rank correction generalize? Train vs held-out output error (issue 5).
 
-    python scripts/lowrank_heldout.py --layer 5     # writes results/lowrank_heldout.{json,md}
+    python -m scripts.diagnostics.lowrank_heldout --layer 5     # writes results/lowrank_heldout.{json,md}
 
 SmolLM2-135M, rotated (``rotate``, W4A4KV4 scheme: weights 4-bit per channel, activations
 per-token 4-bit clip 0.9); the full-precision model up to the layer (no earlier layer quantized,
@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
-os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
-
-from table_lowrank_bisup import W4A4KV4  # noqa: E402  (the same scheme as the table)
+from scripts.tables.common import RESULTS, command
+from scripts.tables.table_lowrank_bisup import W4A4KV4  # the same scheme as the table
 
 
 def main() -> int:
@@ -118,9 +113,9 @@ def main() -> int:
         "calibration_seed": 0,
         "device": "cpu",
         "versions": versions(),
-        "command": " ".join(["python", "scripts/lowrank_heldout.py", *sys.argv[1:]]),
+        "command": command(),
     }
-    out = REPO / "results"
+    out = RESULTS
     out.mkdir(exist_ok=True)
     (out / "lowrank_heldout.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     lines = [

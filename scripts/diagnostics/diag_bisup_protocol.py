@@ -1,6 +1,6 @@
 """Does BiSup's block-wise training transfer to the evaluation protocol? (issue 5 diagnostic)
 
-    python scripts/diag_bisup_protocol.py     # writes results/diag_bisup_protocol.{json,md}
+    python -m scripts.diagnostics.diag_bisup_protocol     # writes results/diag_bisup_protocol.{json,md}
 
 One W4A4KV4 rotate + GPTQ model (SmolLM2-135M, calibration N x L WikiText-2 windows), then BiSup on
 copies of it: trained on the plain calibration windows, and on the same windows with a BOS in front
@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
-os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from scripts.diagnostics.bisup_diag import gptq_base, train_bisup
+from scripts.tables.common import RESULTS, command
 
 
 def main() -> int:
     import torch
-    from bisup_diag import gptq_base, train_bisup
 
     from qtool.api import versions
     from qtool.eval.perplexity import eval_token_ids, prefix_ids, window_nll
@@ -86,14 +81,14 @@ def main() -> int:
         "versions": versions(),
         "wall_seconds": time.perf_counter() - t0,
     }
-    out = REPO / "results"
+    out = RESULTS
     (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     keys = list(rows[0]["ppl"])
     lines = [
         f"SmolLM2-135M W4A4KV4 (rotate + GPTQ, per-channel W4, A4 per token clip 0.9, KV4 asym clip 0.95); "
         f"calibration {meta['calibration']}; BiSup {bisup}; WikiText-2 test ppl, column = "
         f"seq len / prefix / first windows; cpu, torch {meta['versions']['torch']}. "
-        f"Command: `python scripts/diag_bisup_protocol.py`",
+        f"Command: `{command()}`",
         "",
         "| model | " + " | ".join(keys) + " |",
         "|---|" + "---:|" * len(keys),

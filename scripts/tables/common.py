@@ -3,6 +3,11 @@ same first N WikiText-2 windows, and write JSON + a markdown table with the full
 
 A row is ``{"label": str, "recipe": dict}`` (quantized with qtool.api.run_recipe, exported to a
 temporary folder to measure its size) or ``{"label": str, "fp": "float32" | "bfloat16"}``.
+
+Also what every script shares: the repository root (:data:`REPO`), the ``results/`` folder they
+write to (:data:`RESULTS`), the environment defaults (data folder, no progress bars) set when this
+module is imported, and :func:`command`, the command line recorded in each table. Scripts run as
+modules from the repository root: ``python -m scripts.tables.table_foundation --limit 16``.
 """
 
 from __future__ import annotations
@@ -17,9 +22,19 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "results"
 os.environ.setdefault("QTOOL_DATA_DIR", str(REPO.parent / "shared" / "data"))
 os.environ.setdefault("QTOOL_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def command() -> str:
+    """This process's command line as a reader reruns it from the repository root
+    (``python -m scripts.tables.table_foundation --limit 16``)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    target = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return " ".join(["python", *target, *sys.argv[1:]])
 
 
 def parse_args(description: str, default_limit: int = 16) -> argparse.Namespace:
@@ -71,7 +86,7 @@ def run_rows(rows: list[dict], args, name: str) -> list[dict]:
     setup_logging()
     wanted = None if args.only is None else set(args.only.split(","))
     out: list[dict] = []
-    results_dir = REPO / "results"
+    results_dir = RESULTS
     results_dir.mkdir(exist_ok=True)
     stem = args.out or name
     for row in rows:
@@ -136,7 +151,7 @@ def provenance(args) -> dict:
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "versions": versions(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command(),
     }
 
 
@@ -159,6 +174,6 @@ def _write(rows: list[dict], args, stem: Path) -> None:
     lines.append(
         f"{p['model']}, {p['data']}, seq len {p['seq_len']}, {p['windows']} windows, prefix {p['prefix']}, "
         f"calibration {p['calibration']}, {p['device']} ({p['threads']} threads), torch {p['versions']['torch']}, "
-        f"transformers {p['versions']['transformers']}, qtool {p['versions']['qtool']}. Command: `python scripts/{p['command']}`"
+        f"transformers {p['versions']['transformers']}, qtool {p['versions']['qtool']}. Command: `{p['command']}`"
     )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -1,12 +1,12 @@
 """Foundation table (issue 2): FP and RTN schemes on SmolLM2-135M, WikiText-2, first N windows.
 
-    python scripts/table_foundation.py --limit 16      # writes results/table_foundation.{json,md}
+    python -m scripts.tables.table_foundation --limit 16      # writes results/table_foundation.{json,md}
 
 RTN here is plain min/max round-to-nearest (no clip search). W4A16-g32-asym is near-lossless on
 this model only because its weights come from a Q4_1 GGUF (4-bit asymmetric groups of 32).
 """
 
-from tablelib import parse_args, run_rows
+from scripts.tables.common import parse_args, run_rows
 
 PC = {"bits": 4, "symmetric": True, "group_size": None}
 ROWS = [

@@ -1,6 +1,6 @@
 """Rotation + GPTQ table (issue 3): SmolLM2-135M, WikiText-2 2048, the same first N windows.
 
-    python scripts/table_rotation.py --limit 16 --calib-samples 64 --calib-seq-len 512
+    python -m scripts.tables.table_rotation --limit 16 --calib-samples 64 --calib-seq-len 512
 
 Weights per-channel symmetric 4-bit unless the label says g64; activations per-token 4-bit with
 clip 0.9 and KV 4-bit asymmetric per head with clip 0.95 (QuaRot's setting) in the rotated rows;
@@ -9,7 +9,7 @@ rows replace those fixed activation / KV clip ratios by ratios chosen per linear
 the calibration data (grid 0.5..1.0).
 """
 
-from tablelib import parse_args, run_rows
+from scripts.tables.common import parse_args, run_rows
 
 PC = {"bits": 4, "symmetric": True, "group_size": None}
 G64 = {"bits": 4, "symmetric": True, "group_size": 64}
