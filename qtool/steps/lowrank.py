@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -53,6 +54,16 @@ class LowRank(StepConfig):
         None, ge=0.0, le=1.0, description="share of each weight's parameters spent on U and V (0.1 = 10%)"
     )
     iterations: int = Field(1, ge=1, le=5, description="alternations of GPTQ and the reduced-rank regression")
+    init: Literal["closed_form", "zero"] = Field(
+        "closed_form",
+        description="start of the alternation: the exact optimum with continuous quantized weights "
+        "(METHODS.md 6), or U = V = 0 (the solver before it, for comparison)",
+    )
+    cross_shrink: Literal["auto"] | float = Field(
+        "auto",
+        description="factor in [0, 1] on the W-step's cross term S_xy S_y^-1, which overfits with few "
+        "calibration tokens; 'auto' = Stein estimate from the statistics at each W-step, 1 = unshrunk",
+    )
     targets: list[str] | None = Field(
         None, description="linears that get a correction (default: scheme.targets)"
     )
@@ -70,6 +81,8 @@ class LowRank(StepConfig):
     def _one_rank(self) -> LowRank:
         if (self.rank is None) == (self.rank_fraction is None):
             raise ValueError("give exactly one of `rank` (absolute) or `rank_fraction` (e.g. 0.1)")
+        if self.cross_shrink != "auto" and not 0.0 <= self.cross_shrink <= 1.0:
+            raise ValueError(f"cross_shrink must be 'auto' or a number in [0, 1], got {self.cross_shrink}")
         return self
 
     def rank_for(self, m: int, d: int) -> int:
@@ -128,6 +141,8 @@ class LowRank(StepConfig):
                         k,
                         iterations=self.iterations,
                         damp=self.damp,
+                        init=self.init,
+                        cross_shrink=self.cross_shrink,
                         gptq_kwargs=gptq_kwargs,
                     )
                     lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))

@@ -137,3 +137,16 @@ def test_lowrank_factors_compute_the_same_in_any_input_layout():
     y_solver = lin(x)
     lin.set_lowrank(U.clone(), V_col.contiguous())
     assert torch.equal(y_solver, lin(x))
+
+
+def test_init_and_cross_shrink_options():
+    step = parse_step({"lowrank": {"rank": 4}}, 0)
+    assert step.init == "closed_form" and step.cross_shrink == "auto"
+    step = parse_step({"lowrank": {"rank": 4, "init": "zero", "cross_shrink": 0.5}}, 0)
+    assert step.init == "zero" and step.cross_shrink == 0.5
+    assert parse_step({"lowrank": {"rank": 4, "cross_shrink": 1}}, 0).cross_shrink == 1.0
+    with pytest.raises(StepError, match="init"):
+        parse_step({"lowrank": {"rank": 4, "init": "random"}}, 0)
+    for bad in (1.5, -0.1, "half"):
+        with pytest.raises(StepError, match="cross_shrink"):
+            parse_step({"lowrank": {"rank": 4, "cross_shrink": bad}}, 0)
