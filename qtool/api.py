@@ -116,8 +116,10 @@ def load(target: str, dtype: str = "float32", device: str = "auto", kernels: str
             info["kernels"] = pack_model(ctx.model)
         return ctx.model, ctx.tokenizer, info
     if is_qtool_checkpoint(target):
+        from qtool.export.files import check_checkpoint_files
         from qtool.export.loader import load_checkpoint
 
+        check_checkpoint_files(target)
         model, tok, meta = load_checkpoint(target, dtype, device)
         info = {"kind": "checkpoint", "scheme": meta["scheme"], "format": meta["format"]}
         if use_kernels(kernels, model):
@@ -169,6 +171,171 @@ def evaluate_ppl(
         "eval_seconds": res.seconds,
         "load_seconds": load_seconds,
     }
+
+
+def inspect_target(target: str) -> dict[str, Any]:
+    """What evaluating ``target`` loads, read without its weights: ``kind``, ``config``, ``tokenizer``.
+
+    Checks what can be checked before any long work: the recipe validates, a checkpoint folder
+    holds every file it needs (a missing one is named), the architecture is supported.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from qtool.export.files import check_checkpoint_files, looks_like_checkpoint
+    from qtool.models.adapters import get_adapter
+    from qtool.models.loading import resolve_model_path
+
+    if str(target).endswith((".yaml", ".yml")):
+        kind, source = "recipe", resolve_model_path(load_recipe(target).model)
+    elif looks_like_checkpoint(target):
+        check_checkpoint_files(target)
+        kind, source = "checkpoint", str(target)
+    else:
+        kind, source = "unquantized", resolve_model_path(target)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        get_adapter(config)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except QtoolError:
+        raise
+    except OSError as exc:
+        raise QtoolError(
+            f"could not load model {target!r}: {exc}. Offline? Use a local folder or the embedded smollm2-135m"
+        ) from None
+    return {"target": str(target), "kind": kind, "config": config, "tokenizer": tokenizer}
+
+
+def _tokenizer_key(tok) -> str:
+    """Two tokenizers with the same key produce the same ids (a fast tokenizer's full serialization)."""
+    import hashlib
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
+    extra = f"{type(tok).__name__}|{tok.bos_token_id}|{tok.eos_token_id}"
+    return hashlib.sha256((extra + body).encode()).hexdigest()
+
+
+def evaluate(
+    targets: list[str],
+    ppl: str | None = "wikitext2",
+    tasks: list[str] | None = None,
+    seq_len: int = 2048,
+    limit: int | None = None,
+    batch_size: int = 1,
+    prefix: str = "none",
+    dtype: str = "float32",
+    device: str = "auto",
+    kernels: str = "auto",
+    num_fewshot: int | None = None,
+    include_path: str | Path | None = None,
+    gates: list | None = None,
+) -> dict[str, Any]:
+    """Evaluate several targets on the same windows and tasks; check ``gates`` (:mod:`qtool.eval.gates`).
+
+    Every input is checked before the first model is loaded (targets, checkpoint files, sequence
+    length against each model's positions, ``limit`` against the windows, task names and data,
+    gates). The targets are then loaded one at a time. Returns ``{"rows": [one per target],
+    "gates": [one per gate and target], "passed": bool}`` with the first row's keys also at the
+    top level (the single-target JSON of earlier versions). ``ppl_ratio`` is each row's perplexity
+    over the first row's.
+    """
+    import gc
+
+    from qtool.eval.gates import check_gates_apply, evaluate_gates
+    from qtool.eval.perplexity import (
+        check_seq_len,
+        eval_windows,
+        max_positions,
+        perplexity_of_windows,
+        prefix_ids,
+    )
+    from qtool.models.loading import DTYPES
+
+    targets = [str(t) for t in targets]
+    tasks = list(tasks or [])
+    gates = list(gates or [])
+    if not targets:
+        raise QtoolError("no target: give a checkpoint folder, model or recipe to evaluate")
+    if dtype not in DTYPES:
+        raise QtoolError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if batch_size < 1:
+        raise QtoolError("--batch-size must be at least 1")
+    if num_fewshot is not None and not tasks:
+        raise QtoolError("--num-fewshot applies to --tasks; add --tasks a,b")
+    if include_path is not None and not tasks:
+        raise QtoolError("--include-path applies to --tasks; add --tasks a,b")
+    if ppl is None and not tasks:
+        ppl = "wikitext2"
+    check_gates_apply(gates, len(targets), ppl is not None, tasks)
+    spec = None
+    if tasks:
+        from qtool.eval.tasks import prepare_tasks
+
+        spec = prepare_tasks(tasks, include_path)
+    infos = [inspect_target(t) for t in targets]
+    windows, total, pre = None, 0, []
+    if ppl is not None:
+        by_key: dict[str, tuple] = {}
+        for info in infos:
+            pre_i = prefix_ids(info["tokenizer"], prefix)
+            check_seq_len(seq_len, max_positions(info["config"]), len(pre_i))
+            key = _tokenizer_key(info["tokenizer"])
+            if key not in by_key:
+                by_key[key] = (*eval_windows(info["tokenizer"], ppl, seq_len, limit), pre_i, info["target"])
+            w, t, p, first = by_key[key]
+            if windows is None:
+                windows, total, pre = w, t, p
+            elif not torch.equal(w, windows) or p != pre:
+                raise QtoolError(
+                    f"{first!r} and {targets[0]!r} tokenize {ppl} differently: their perplexities would "
+                    "score different tokens; compare targets that share a tokenizer"
+                )
+    rows: list[dict[str, Any]] = []
+    for info in infos:
+        target = info["target"]
+        t0 = time.perf_counter()
+        model, tok, loaded = load(target, dtype, device, kernels)
+        row: dict[str, Any] = {"model": target, "loaded": loaded, "load_seconds": time.perf_counter() - t0}
+        if windows is not None:
+            res = perplexity_of_windows(model, windows, total, ppl, pre, prefix, batch_size)
+            row["ppl"] = res.ppl
+            row["protocol"] = {
+                "dataset": ppl,
+                "split": "test",
+                "join": "\\n\\n",
+                "seq_len": seq_len,
+                "windows": res.windows,
+                "total_windows": res.total_windows,
+                "first_windows": True,
+                "tokens_scored": res.tokens_scored,
+                "prefix": res.prefix,
+                "ppl": "exp(mean window NLL)",
+            }
+            row["nll_per_window"] = res.nll_per_window
+            row["eval_seconds"] = res.seconds
+        if spec is not None:
+            from qtool.eval.tasks import run_tasks
+
+            t1 = time.perf_counter()
+            out = run_tasks(model, tok, spec, num_fewshot, limit)
+            row["tasks"] = out["tasks"]
+            row["lm_eval"] = {k: v for k, v in out.items() if k != "tasks"}
+            row["tasks_seconds"] = time.perf_counter() - t1
+        row["dtype"] = dtype
+        row["device"] = str(next(model.parameters()).device)
+        row["versions"] = versions()
+        rows.append(row)
+        del model, tok
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if windows is not None:
+        base = rows[0]["ppl"]
+        for row in rows:
+            row["ppl_ratio"] = row["ppl"] / base
+    results = evaluate_gates(gates, rows)
+    passed = all(r["passed"] for r in results)
+    return {**rows[0], "rows": rows, "gates": results, "passed": passed}
 
 
 def generate_text(

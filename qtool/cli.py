@@ -110,14 +110,35 @@ def quantize(
     _write_json(json_out, {"recipe": r.to_dict(), "results": res, "versions": api.versions()})
 
 
+def _short_labels(targets: list[str]) -> list[str]:
+    """Table labels: a path's last part when that tells the targets apart (the JSON keeps the full one)."""
+    names = [Path(t).name or t for t in targets]
+    return names if len(set(names)) == len(names) else targets
+
+
 @app.command("eval")
 def eval_cmd(
-    target: str = typer.Argument(
-        ..., help="checkpoint folder, HF folder, hub id, smollm2-135m, or a recipe .yaml (in memory)"
+    targets: list[str] = typer.Argument(
+        ...,
+        help="one or more: checkpoint folder, HF folder, hub id, smollm2-135m, or a recipe .yaml (in memory); "
+        "the first is the baseline of the ratio column and of --max-ppl-ratio",
     ),
-    ppl: str = typer.Option("wikitext2", "--ppl", help="perplexity dataset: wikitext2, c4 or a local file"),
+    ppl: str | None = typer.Option(
+        None,
+        "--ppl",
+        help="perplexity dataset: wikitext2, c4 or a local file (default wikitext2 unless --tasks is given)",
+    ),
+    tasks: str | None = typer.Option(
+        None, "--tasks", help="lm-eval tasks, comma-separated (e.g. arc_easy,piqa); needs qtool[eval]"
+    ),
+    num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="few-shot examples per task"),
+    include_path: Path | None = typer.Option(
+        None, "--include-path", help="a folder of your own lm-eval task YAMLs"
+    ),
     seq_len: int = typer.Option(2048, "--seq-len", help="window length in tokens"),
-    limit: int | None = typer.Option(None, "--limit", help="evaluate the first N windows only"),
+    limit: int | None = typer.Option(
+        None, "--limit", help="the first N windows (and the first N documents of each task) only"
+    ),
     batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
     prefix: str = typer.Option(
         "none", "--prefix", help="unscored prefix before every window: none, bos or a text"
@@ -127,36 +148,105 @@ def eval_cmd(
     kernels: str = typer.Option(
         "auto", "--kernels", help="packed int4 ops for checkpoints: auto (CUDA + extension), on, off"
     ),
-    json_out: Path | None = typer.Option(None, "--json", help="write the result as JSON"),
+    max_ppl_ratio: float | None = typer.Option(
+        None, "--max-ppl-ratio", help="gate: every target's ppl / the first target's at most R"
+    ),
+    max_ppl: float | None = typer.Option(None, "--max-ppl", help="gate: every target's ppl at most P"),
+    min_acc: list[str] = typer.Option(
+        [], "--min-acc", help="gate TASK=A or TASK:METRIC=A: every target's accuracy at least A (repeatable)"
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="write every row and gate as JSON"),
 ) -> None:
-    """Perplexity by the papers' protocol (non-overlapping windows, exp of the mean window loss)."""
-    from qtool import api
+    """Perplexity (the papers' protocol) and lm-eval tasks of one or more targets, with CI gates.
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        _fail(QtoolError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}"))
+    Exit status: 0 all gates passed (or none given), 1 a user error, 2 a usage error,
+    3 a gate failed (the JSON is written first).
+    """
+    from qtool import api
+    from qtool.eval.gates import GATE_FAILED, make_gates
+    from qtool.eval.tasks import parse_task_list
+
     try:
-        res = api.evaluate_ppl(target, ppl, seq_len, limit, batch_size, prefix, dtype, device, kernels)
+        gates = make_gates(max_ppl_ratio, max_ppl, min_acc)
+        res = api.evaluate(
+            targets,
+            ppl,
+            parse_task_list(tasks),
+            seq_len,
+            limit,
+            batch_size,
+            prefix,
+            dtype,
+            device,
+            kernels,
+            num_fewshot,
+            include_path,
+            gates,
+        )
     except QtoolError as exc:
         _fail(exc)
-    p = res["protocol"]
-    table = Table(title=f"{ppl} perplexity")
-    for col in ("model", "ppl", "seq len", "windows", "prefix", "device", "eval s"):
-        table.add_column(col)
-    table.add_row(
-        target,
-        f"{res['ppl']:.4f}",
-        str(p["seq_len"]),
-        f"{p['windows']}/{p['total_windows']}",
-        p["prefix"],
-        res["device"],
-        f"{res['eval_seconds']:.1f}",
-    )
+    rows = res["rows"]
+    has_ppl = "ppl" in rows[0]
+    task_names = list(rows[0].get("tasks", {}))
+    title = f"{rows[0]['protocol']['dataset']} perplexity" if has_ppl else "lm-eval tasks"
+    if has_ppl and task_names:
+        title += " and lm-eval tasks"
+    table = Table(title=title)
+    table.add_column("model")
+    if has_ppl:
+        for col in ("ppl", "ppl / first", "tokens", "windows"):
+            table.add_column(col, justify="right")
+    for name in task_names:
+        table.add_column(f"{name} acc", justify="right")
+    table.add_column("eval s", justify="right")
+    for row, label in zip(rows, _short_labels([r["model"] for r in rows]), strict=True):
+        cells = [label]
+        if has_ppl:
+            p = row["protocol"]
+            cells += [
+                f"{row['ppl']:.4f}",
+                f"{row['ppl_ratio']:.4f}",
+                str(p["tokens_scored"]),
+                f"{p['windows']}/{p['total_windows']}",
+            ]
+        for name in task_names:
+            t = row["tasks"].get(name, {})
+            acc, err = t.get("metrics", {}).get("acc"), t.get("stderr", {}).get("acc")
+            cells.append("-" if acc is None else f"{acc:.4f}" + ("" if err is None else f" ± {err:.4f}"))
+        cells.append(f"{row.get('eval_seconds', 0) + row.get('tasks_seconds', 0):.1f}")
+        table.add_row(*cells)
     console.print(table)
-    if "kernels" in res["loaded"]:
-        k = res["loaded"]["kernels"]
-        console.print(f"packed linears: {k['packed']} via {k['backend']} ops ({k['reason']})")
-    typer.echo(f"ppl={res['ppl']:.6f}")
+    if has_ppl:
+        p = rows[0]["protocol"]
+        console.print(f"seq len {p['seq_len']}, prefix {p['prefix']}, device {rows[0]['device']}")
+    if task_names:
+        t0 = rows[0]["tasks"]
+        versions = ", ".join(f"{n} v{t0[n]['version']}" for n in task_names)
+        info = rows[0]["lm_eval"]
+        console.print(
+            f"lm-eval {info['lm_eval']}, {versions}; num_fewshot {info['num_fewshot'] or 0}, "
+            f"{t0[task_names[0]]['samples']} documents per task"
+        )
+    for row in rows:
+        if "kernels" in row["loaded"]:
+            k = row["loaded"]["kernels"]
+            console.print(
+                f"{row['model']}: packed linears: {k['packed']} via {k['backend']} ops ({k['reason']})"
+            )
+    if has_ppl:
+        for row in rows:
+            typer.echo(f"ppl={row['ppl']:.6f}" + (f" {row['model']}" if len(rows) > 1 else ""))
+    for g in res["gates"]:
+        value = "missing" if g["value"] is None else f"{g['value']:.4f}"
+        mark = "[green]PASS[/]" if g["passed"] else "[bold red]FAIL[/]"
+        console.print(f"{mark} {g['gate']}: {g['target']} = {value}")
     _write_json(json_out, res)
+    if not res["passed"]:
+        failed = sum(not g["passed"] for g in res["gates"])
+        console.print(
+            f"[bold red]gate failed:[/] {failed} of {len(res['gates'])} checks (exit status {GATE_FAILED})"
+        )
+        raise typer.Exit(code=GATE_FAILED)
 
 
 @app.command("generate")

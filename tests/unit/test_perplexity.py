@@ -93,8 +93,9 @@ def test_limit_takes_the_first_windows(model_and_tok, text_file):
     assert res.ppl == pytest.approx(ref, rel=1e-6)
     assert (res.windows, res.total_windows) == (3, total)
     assert res.nll_per_window == pytest.approx(full.nll_per_window[:3], rel=1e-6)
-    big = perplexity(model, tok, str(text_file), seq_len=SEQ, limit=10_000)
-    assert big.windows == total
+    with pytest.raises(QtoolError, match=rf"--limit 10000 is more than the {total} windows of {SEQ} tokens"):
+        perplexity(model, tok, str(text_file), seq_len=SEQ, limit=10_000)
+    assert perplexity(model, tok, str(text_file), seq_len=SEQ, limit=total).windows == total
 
 
 def test_batch_size_does_not_change_the_result(model_and_tok, text_file):
@@ -124,8 +125,14 @@ def test_prefix_bos_scores_the_same_tokens(model_and_tok, text_file):
 
 def test_bad_arguments(model_and_tok, text_file, tmp_path):
     model, tok = model_and_tok
-    with pytest.raises(QtoolError, match="fewer than one 100000-token window"):
+    with pytest.raises(
+        QtoolError, match=r"--seq-len 100000 is longer than the model's max_position_embeddings \(512\)"
+    ):
         perplexity(model, tok, str(text_file), seq_len=100_000)
+    with pytest.raises(
+        QtoolError, match=r"--seq-len 512 plus the 1-token prefix is longer .*use --seq-len 511"
+    ):
+        perplexity(model, tok, str(text_file), seq_len=512, prefix="bos")
     with pytest.raises(QtoolError, match="--seq-len must be at least 2"):
         perplexity(model, tok, str(text_file), seq_len=1)
     with pytest.raises(QtoolError, match="--limit must be at least 1"):
