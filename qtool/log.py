@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import resource
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
@@ -37,13 +39,47 @@ def progress_enabled() -> bool:
     return os.environ.get("QTOOL_NO_PROGRESS", "") not in ("1", "true") and console.is_terminal
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a rich progress bar (count, elapsed, ETA); plain iteration when not a TTY."""
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def track(
+    items: Iterable[T],
+    description: str,
+    total: int | None = None,
+    detail: Callable[[], str] | None = None,
+) -> Iterator[T]:
+    """Iterate with a rich progress bar (count, elapsed, ETA) on a terminal.
+
+    Elsewhere (CI logs, files) one log line per finished item: its index, elapsed time, ETA, peak
+    memory so far and ``detail()`` (e.g. the layer's quantization error), so a long run is never
+    silent between its first and last line.
+    """
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     if not progress_enabled():
-        logger.debug("%s (%s items)", description, total)
-        yield from items
+        start = time.perf_counter()
+        for k, item in enumerate(items, 1):
+            yield item
+            elapsed = time.perf_counter() - start
+            eta = f", ETA {_seconds(elapsed / k * (total - k))}" if total else ""
+            extra = f", {detail()}" if detail is not None else ""
+            logger.info(
+                "%s: %d/%s done, elapsed %s%s, peak RSS %.2f GB%s",
+                description,
+                k,
+                total if total is not None else "?",
+                _seconds(elapsed),
+                eta,
+                peak_rss_gb(),
+                extra,
+            )
         return
     columns = (
         TextColumn("[bold]{task.description}"),

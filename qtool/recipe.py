@@ -11,117 +11,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from qtool.config import Closed
 from qtool.errors import RecipeError
-from qtool.quant.quantizer import QSpec
+from qtool.quant.scheme import PRESETS, ActScheme, KVScheme, Scheme, WeightScheme
+from qtool.steps.registry import STEPS, StepConfig, parse_step, step_name
 
-
-class Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class WeightScheme(Closed):
-    """Static weight quantization of every targeted linear."""
-
-    bits: int = Field(4, ge=2, le=8)
-    symmetric: bool = True
-    group_size: int | None = Field(None, ge=8, description="None = per output channel")
-    ragged: bool = Field(
-        False, description="allow a shorter last group when group_size does not divide the width"
-    )
-
-    def spec(self) -> QSpec:
-        if self.group_size is None:
-            return QSpec(self.bits, self.symmetric, "channel")
-        return QSpec(self.bits, self.symmetric, "group", self.group_size, ragged=self.ragged)
-
-
-class ActScheme(Closed):
-    """Dynamic per-token symmetric quantization of the inputs of every targeted linear."""
-
-    bits: int = Field(4, ge=2, le=8)
-    clip_ratio: float = Field(1.0, gt=0.0, le=1.0)
-    group_size: int | None = Field(None, ge=8, description="None = one scale per token")
-    ragged: bool = Field(
-        False, description="allow a shorter last group when group_size does not divide the width"
-    )
-
-    def spec(self) -> QSpec:
-        if self.group_size is None:
-            return QSpec(self.bits, True, "token", clip_ratio=self.clip_ratio)
-        return QSpec(
-            self.bits, True, "group", self.group_size, clip_ratio=self.clip_ratio, ragged=self.ragged
-        )
-
-
-class KVScheme(Closed):
-    """Dynamic per-token KV-cache quantization (K after RoPE), per head or per group of head_dim."""
-
-    bits: int = Field(4, ge=2, le=8)
-    symmetric: bool = False
-    group_size: int | None = Field(None, ge=8, description="None = one scale per token and head")
-    clip_ratio: float = Field(1.0, gt=0.0, le=1.0)
-    past_only: bool = Field(False, description="a token attends to its own K/V unquantized (WKVQuant)")
-
-    def spec(self) -> QSpec:
-        if self.group_size is None:
-            return QSpec(self.bits, self.symmetric, "token", clip_ratio=self.clip_ratio)
-        return QSpec(self.bits, self.symmetric, "group", self.group_size, clip_ratio=self.clip_ratio)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "W4A16": {"weights": {"bits": 4}},
-    "W8A16": {"weights": {"bits": 8}},
-    "W4A8": {"weights": {"bits": 4}, "activations": {"bits": 8}},
-    "W8A8": {"weights": {"bits": 8}, "activations": {"bits": 8}},
-    "W4A4": {"weights": {"bits": 4}, "activations": {"bits": 4}},
-    "W4KV4": {"weights": {"bits": 4}, "kv_cache": {"bits": 4}},
-    "W4A4KV4": {"weights": {"bits": 4}, "activations": {"bits": 4}, "kv_cache": {"bits": 4}},
-    "W3A3": {"weights": {"bits": 3}, "activations": {"bits": 3}},
-    "W3A3KV3": {"weights": {"bits": 3}, "activations": {"bits": 3}, "kv_cache": {"bits": 3}},
-    "FP": {},
-}
-
-
-class Scheme(Closed):
-    """What is quantized. ``preset`` fills in the parts; explicit keys override the preset's."""
-
-    preset: str | None = None
-    weights: WeightScheme | None = None
-    activations: ActScheme | None = None
-    kv_cache: KVScheme | None = None
-    targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="decoder linears to quantize (lm_head and embeddings stay 16-bit)",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _expand_preset(cls, data: Any) -> Any:
-        if isinstance(data, str):
-            data = {"preset": data}
-        if isinstance(data, dict) and data.get("preset") is not None:
-            name = str(data["preset"]).upper()
-            if name not in PRESETS:
-                raise ValueError(f"unknown preset {data['preset']!r}; known presets: {', '.join(PRESETS)}")
-            merged: dict[str, Any] = {k: dict(v) for k, v in PRESETS[name].items()}
-            for key, value in data.items():
-                if key == "preset":
-                    continue
-                if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                    merged[key] = {**merged[key], **value}
-                else:
-                    merged[key] = value
-            merged["preset"] = name
-            return merged
-        return data
-
-    def label(self) -> str:
-        w = f"W{self.weights.bits}" if self.weights else "W16"
-        a = f"A{self.activations.bits}" if self.activations else "A16"
-        kv = f"KV{self.kv_cache.bits}" if self.kv_cache else ""
-        return w + a + kv
+# re-exported: the recipe is where users (and tests) meet these names
+__all__ = [
+    "PRESETS",
+    "ActScheme",
+    "Calibration",
+    "Closed",
+    "KVScheme",
+    "Recipe",
+    "Scheme",
+    "StepConfig",
+    "WeightScheme",
+    "load_recipe",
+    "parse_recipe",
+    "step_name",
+]
 
 
 class Calibration(Closed):
@@ -143,10 +54,6 @@ class Calibration(Closed):
         return v
 
 
-class StepConfig(Closed):
-    """Base class of every step's options; subclasses add their fields."""
-
-
 class Recipe(Closed):
     model: str = Field("smollm2-135m", description="hub id, local HF folder, or smollm2-135m (embedded)")
     output: str | None = None
@@ -165,8 +72,6 @@ class Recipe(Closed):
     @field_validator("steps", mode="before")
     @classmethod
     def _parse_steps(cls, raw: Any) -> list[Any]:
-        from qtool.steps import parse_step
-
         if raw is None:
             return []
         if not isinstance(raw, list):
@@ -176,7 +81,7 @@ class Recipe(Closed):
     @model_validator(mode="after")
     def _check_consistency(self) -> Recipe:
         names = [step_name(s) for s in self.steps]
-        if self.scheme.weights is not None and not {"rtn", "gptq", "lowrank", "bisup"} & set(names):
+        if self.scheme.weights is not None and not any(type(s).quantizes_weights for s in self.steps):
             raise ValueError("the scheme quantizes weights but no step does: add `rtn` or `gptq` to steps")
         if "export" in names and names.index("export") != len(names) - 1:
             raise ValueError("`export` must be the last step")
@@ -189,10 +94,6 @@ class Recipe(Closed):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def step_name(step: StepConfig) -> str:
-    return type(step).step_name  # type: ignore[attr-defined]
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -284,8 +185,6 @@ def _allowed_keys(loc: tuple) -> str:
 
 
 def _step_model(name: str) -> type[BaseModel] | None:
-    from qtool.steps import STEPS
-
     return STEPS.get(name)
 
 

@@ -26,6 +26,7 @@ import time
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from qtool.errors import QtoolError
 from qtool.models.kv4_runtime import PackedKVCache
 from qtool.models.pivot import cache_kw
 
@@ -61,7 +62,7 @@ RESERVE_BYTES = 2 * 2**30  # activations, workspace and allocator slack at long 
 
 def random_model(shape: str, dtype: torch.dtype, device: str | torch.device) -> LlamaForCausalLM:
     if shape not in SHAPES:
-        raise ValueError(f"unknown model shape {shape!r}; choose from {', '.join(SHAPES)}")
+        raise QtoolError(f"unknown model shape {shape!r}; choose from {', '.join(SHAPES)}")
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)

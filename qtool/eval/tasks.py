@@ -21,7 +21,7 @@ from qtool.errors import QtoolError
 
 logger = logging.getLogger("qtool")
 
-INSTALL = "pip install 'qtool[eval]' (`make setup` installs it)"
+INSTALL = "install qtool's optional extra `eval` (`make setup` does), or pip install 'lm-eval>=0.4.13,<0.5'"
 BOOTSTRAP_ITERS = 1000  # lm-eval's bootstrap for non-mean metrics (perplexities); acc stderr is exact
 
 
@@ -152,24 +152,15 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @contextmanager
 def _quiet_lm_eval():
-    """lm-eval's own logging and tqdm bars only with ``qtool -v`` (qtool shows its own progress)."""
-    from qtool.log import progress_enabled
-
+    """lm-eval's own log lines only with ``qtool -v`` (its tqdm bars stay: tqdm reads its settings at import)."""
     lm_logger = logging.getLogger("lm_eval")
-    before_level, before_env = lm_logger.level, os.environ.get("TQDM_DISABLE")
-    verbose = logger.isEnabledFor(logging.DEBUG)
-    if not verbose:
+    before = lm_logger.level
+    if not logger.isEnabledFor(logging.DEBUG):
         lm_logger.setLevel(logging.ERROR)
-    if not (verbose and progress_enabled()):
-        os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
-        lm_logger.setLevel(before_level)
-        if before_env is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before_env
+        lm_logger.setLevel(before)
 
 
 def run_tasks(

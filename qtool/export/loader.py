@@ -1,7 +1,8 @@
 """Load a qtool checkpoint back into the simulation model (the same math as in memory).
 
 The loader rebuilds the architecture from ``config.json``, installs qtool's QLinears and
-attention for the saved scheme, re-applies the online transforms recorded in ``qtool.json``,
+attention for the saved scheme, re-applies the run-time features recorded in ``qtool.json``
+(:mod:`qtool.models.features`: online rotations, clip ratios, KV smoothing, pivot cache, LoRA),
 and fills quantized linears from their packed codes, so the reloaded model computes exactly
 what the in-memory quantized model computed.
 """
@@ -21,17 +22,6 @@ from qtool.models.qlinear import QuantizedWeight
 from qtool.quant.packing import unpack_gptq, unpack_int4, unpack_int4_dim0
 
 logger = logging.getLogger("qtool")
-
-# hooks registered by steps whose exports carry extra runtime state: name -> fn(model, meta, path)
-RUNTIME_LOADERS: dict[str, object] = {}
-
-
-def register_runtime_loader(name: str):
-    def wrap(fn):
-        RUNTIME_LOADERS[name] = fn
-        return fn
-
-    return wrap
 
 
 def _unpack(
@@ -67,8 +57,10 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "aut
     """Load a qtool export. Returns ``(model, tokenizer, meta)``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from qtool.models.features import load_sidecars, rebuild_features
+    from qtool.models.lora import ADAPTER_FILE
     from qtool.models.prepare import iter_qlinears, prepare_model
-    from qtool.recipe import Scheme
+    from qtool.quant.scheme import Scheme
 
     path = Path(path)
     meta_file = path / "qtool.json"
@@ -82,9 +74,10 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "aut
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
     model.eval().requires_grad_(False)
     prepare_model(model, scheme)
-    from qtool.steps.runtime import apply_runtime
-
-    apply_runtime(model, meta.get("runtime", {}))
+    runtime = dict(meta.get("runtime", {}))
+    if ADAPTER_FILE in meta.get("sidecars", []):  # checkpoints of qtool <= 0.1.0 list it only there
+        runtime.setdefault("lowrank", {})
+    rebuild_features(model, runtime)
     tensors = load_file(str(path / "model.safetensors"))
     fmt = meta["format"]
     wspec = scheme.weights.spec() if scheme.weights else None
@@ -114,10 +107,6 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "aut
         model.tie_weights()
     # on the target device first, so runtime loaders place their state beside the weights
     model = model.to(resolve_device(device))
-    import qtool.export.lora  # noqa: F401  (registers the LoRA adapter loader)
-
-    for name, fn in RUNTIME_LOADERS.items():
-        if name in meta.get("sidecars", []) or name in meta.get("runtime", {}):
-            fn(model, meta, path)
+    load_sidecars(model, runtime, path)
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok, meta

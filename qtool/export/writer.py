@@ -8,7 +8,7 @@ A checkpoint folder holds:
 * ``config.json`` with a compressed-tensors ``quantization_config`` (or GPTQ's);
 * ``qtool.json``: what qtool's runtime needs beyond that (activation and KV quantization, the
   online rotations of a rotated model, sidecar files), and ``recipe.yaml``, the resolved recipe;
-* sidecars registered by steps (``ctx.runtime["sidecars"]``), e.g. the IntactKV pivot cache,
+* the sidecar files of the run-time features (:mod:`qtool.models.features`), e.g. the IntactKV pivot cache,
   kept out of the weight file so engines that do not know them are not confused.
 
 Everything is written to a temporary folder beside the target and renamed at the end, so an
@@ -22,15 +22,18 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 import qtool
 from qtool.errors import QtoolError
+from qtool.models.features import save_sidecars, sidecar_files
+from qtool.models.loading import resolve_model_path
 from qtool.models.prepare import iter_qlinears
+from qtool.models.shards import INDEX, SINGLE, ShardReader, shard_plan, write_shards
 from qtool.quant.packing import pack_gptq, pack_int4, pack_int4_dim0
 
 logger = logging.getLogger("qtool")
@@ -125,20 +128,27 @@ def _linear_tensors(prefix: str, lin, fmt: str, dtype: torch.dtype) -> dict[str,
     return out
 
 
-def checkpoint_tensors(model, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict as written: quantized linears packed, the rest cast to ``dtype``."""
+def checkpoint_tensors(
+    model, fmt: str, dtype: torch.dtype, select: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict as written: quantized linears packed, the rest cast to ``dtype``.
+
+    ``select(key)`` keeps only some keys (a streamed run exports one decoder layer at a time;
+    the layers not in memory are never touched)."""
+    keep = select or (lambda key: True)
     tensors: dict[str, torch.Tensor] = {}
     quantized = set()
+    names = {id(m): n for n, m in model.named_modules()}
     for _, _, lin in iter_qlinears(model):
-        if lin.qweight is None:
+        prefix = names[id(lin)]
+        if lin.qweight is None or not keep(prefix + "."):
             continue
-        prefix = _module_name(model, lin)
         quantized.add(prefix)
         tensors.update(_linear_tensors(prefix, lin, fmt, dtype))
     params = {name for name, _ in model.named_parameters()}
     for key, value in model.state_dict(keep_vars=False).items():
         owner = key.rsplit(".", 1)[0]
-        if owner in quantized:
+        if owner in quantized or not keep(key):
             continue
         if getattr(model.config, "tie_word_embeddings", False) and key == "lm_head.weight":
             continue
@@ -147,35 +157,38 @@ def checkpoint_tensors(model, fmt: str, dtype: torch.dtype) -> dict[str, torch.T
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def _module_name(model, module) -> str:
-    for name, mod in model.named_modules():
-        if mod is module:
-            return name
-    raise RuntimeError("module not found in model")
+def quantized_modules(model) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return sorted(names[id(lin)] for _, _, lin in iter_qlinears(model) if lin.qweight is not None)
 
 
-def write_checkpoint(
-    ctx,
-    output: str | Path,
-    fmt: str = "compressed-tensors",
-    overwrite: bool = False,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write ``ctx.model`` to ``output`` atomically; returns size information."""
+def source_shards(model_name: str) -> ShardReader | None:
+    """The recipe model's safetensors (to shard the export like it), when it is a local folder."""
+    path = Path(resolve_model_path(model_name))
+    if not path.is_dir() or not ((path / INDEX).is_file() or (path / SINGLE).is_file()):
+        return None
+    return ShardReader(path)
+
+
+def check_format(ctx, fmt: str) -> None:
+    """Refuse an export format the recipe cannot be written in (before any work)."""
     if fmt not in FORMATS:
         raise QtoolError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    scheme = ctx.scheme
     if fmt == "gptq":
-        w = scheme.weights
+        w, scheme = ctx.scheme.weights, ctx.scheme
         if w is None or w.bits != 4 or not w.symmetric or scheme.activations or ctx.runtime.get("rotation"):
             raise QtoolError(
                 "format gptq holds symmetric 4-bit weight-only (W4A16) models without online rotations; "
                 "use format: compressed-tensors"
             )
-    output = check_output(output, overwrite)
-    model = ctx.model
-    dtype = ctx.scale_dtype
-    tensors = checkpoint_tensors(model, fmt, dtype)
+
+
+def write_metadata(
+    ctx, folder: Path, fmt: str, quantized: list[str], extra: dict[str, Any] | None = None
+) -> None:
+    """Everything of a checkpoint folder but the weight shards: config, qtool.json, recipe,
+    tokenizer, generation config and the run-time features' sidecars."""
+    model, scheme, dtype = ctx.model, ctx.scheme, ctx.scale_dtype
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["quantization_config"] = quantization_config(scheme, fmt)
@@ -185,33 +198,51 @@ def write_checkpoint(
         "format": fmt,
         "checkpoint_dtype": str(dtype).removeprefix("torch."),
         "scheme": scheme.model_dump(mode="json"),
-        "runtime": {k: v for k, v in ctx.runtime.items() if k != "sidecars"},
-        "sidecars": sorted(ctx.runtime.get("sidecars", {})),
-        "quantized_modules": sorted(
-            _module_name(model, lin) for _, _, lin in iter_qlinears(model) if lin.qweight is not None
-        ),
+        "runtime": ctx.runtime,
+        "sidecars": sidecar_files(ctx.runtime),
+        "quantized_modules": quantized,
         **(extra or {}),
     }
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    (folder / "qtool.json").write_text(json.dumps(meta, indent=2))
+    (folder / "recipe.yaml").write_text(ctx.recipe.to_yaml())
+    ctx.tokenizer.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_sidecars(model, ctx.runtime, folder, dtype)
+
+
+def new_tmp(output: Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+
+
+def write_checkpoint(
+    ctx,
+    output: str | Path,
+    fmt: str = "compressed-tensors",
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``ctx.model`` to ``output`` atomically, sharded like the recipe's model; returns
+    size information."""
+    check_format(ctx, fmt)
+    output = check_output(output, overwrite)
+    tensors = checkpoint_tensors(ctx.model, fmt, ctx.scale_dtype)
+    plan = shard_plan(tensors, source_shards(ctx.recipe.model))
+    tmp = new_tmp(output)
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        (tmp / "qtool.json").write_text(json.dumps(meta, indent=2))
-        (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
-        ctx.tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        for name, writer in ctx.runtime.get("sidecars", {}).items():
-            writer(tmp / name)
-        _replace(tmp, output)
+        write_shards(tmp, plan, tensors.__getitem__)
+        write_metadata(ctx, tmp, fmt, quantized_modules(ctx.model), extra)
+        replace_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return checkpoint_size(output)
 
 
-def _replace(tmp: Path, output: Path) -> None:
+def replace_folder(tmp: Path, output: Path) -> None:
+    """Move the finished ``tmp`` folder to ``output`` (replacing it), never leaving half of one."""
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(old)
@@ -228,10 +259,11 @@ def checkpoint_size(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     linear_bytes = 0
-    with safe_open(str(path / "model.safetensors"), "pt") as fh:
-        for key in fh.keys():
-            if ".layers." in key and "_proj." in key:
-                linear_bytes += _nbytes(fh, key)
+    for shard in sorted(set(ShardReader(path).weight_map.values())):
+        with safe_open(str(path / shard), "pt") as fh:
+            for key in fh.keys():
+                if ".layers." in key and "_proj." in key:
+                    linear_bytes += _nbytes(fh, key)
     return {"bytes": total, "decoder_linear_bytes": linear_bytes}
 
 

@@ -64,6 +64,11 @@ class Adapter:
             (layer.post_attention_layernorm, ["gate_proj", "up_proj"]),
         ]
 
+    def sequential_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The decoder layer's linears in the order their inputs become final (GPTQ's
+        true-sequential order): each group reads the outputs of the groups before it."""
+        return (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
     def residual_writers(self) -> tuple[str, ...]:
         return ("o_proj", "down_proj")
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qtool.algorithms.hadamard import fast_hadamard_transform, has_hadamard, random_orthogonal
+from qtool.models.adapters import get_adapter
 
 
 class OnlineRotation(nn.Module):
@@ -58,3 +59,75 @@ class OnlineRotation(nn.Module):
     def extra_repr(self) -> str:
         across = f", across {self.heads} heads" if self.heads else ""
         return f"n={self.n}, kind={self.kind}{across}"
+
+
+def dims(config) -> tuple[int, int, int, int, int]:
+    hq = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // hq
+    return config.hidden_size, config.intermediate_size, hq, config.num_key_value_heads, d
+
+
+def transform_weight(lin, fn, device, rows: bool = True) -> None:
+    """``W <- fn(W)`` (``rows``: ``fn`` acts on each row, i.e. ``W M``) or ``W <- fn(W^T)^T``,
+    computed in float64 on ``device`` one weight at a time."""
+    w = lin.weight.data.to(device, torch.float64)
+    w = fn(w) if rows else fn(w.t()).t()
+    lin.weight.data = w.to(lin.weight.device, lin.weight.dtype)
+
+
+def within_heads(rot: OnlineRotation, heads: int):
+    """``x -> x blockdiag(M, ..., M)``: the rotation applied inside each of ``heads`` blocks."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return rot(x.reshape(*shape[:-1], heads, shape[-1] // heads)).reshape(shape)
+
+    return fn
+
+
+@torch.no_grad()
+def install_online(model, entry: dict, fuse: bool, device: torch.device | str = "cpu") -> None:
+    """Create the online rotations described by ``entry`` in every decoder layer (see
+    :func:`install_online_layer`)."""
+    for i, layer in enumerate(get_adapter(model.config).layers(model)):
+        install_online_layer(model.config, i, layer, entry, fuse, device)
+
+
+@torch.no_grad()
+def install_online_layer(
+    config, i: int, layer, entry: dict, fuse: bool, device: torch.device | str = "cpu"
+) -> None:
+    """Create decoder layer ``i``'s online rotations described by ``entry``; fuse their inverses
+    into its weights when ``fuse``.
+
+    Fusion right-multiplies weights by the rotation by applying the (fast) transform to their
+    rows, in float64 on ``device``: no dense ``n x n`` matrix is formed for Hadamard kinds.
+    """
+    adapter = get_adapter(config)
+    _, inter, hq, hkv, d = dims(config)
+    kind, seed = entry["online_kind"], entry["seed"]
+    if entry.get("down_proj"):
+        down = adapter.linear(layer, "down_proj")
+        rot = OnlineRotation(inter, kind, seed=seed + 1000 + i)
+        down.input_transform = rot.to(down.weight.device)
+        if fuse:
+            transform_weight(down, rot.to(device), device)
+            rot.to(down.weight.device)
+    if entry.get("attention_vo"):
+        o = adapter.linear(layer, "o_proj")
+        mix = OnlineRotation(hq * d, kind, heads=hq, seed=seed + 3000 + i)
+        o.input_transform = mix.to(o.weight.device)
+        if fuse:
+            per_head = OnlineRotation(d, kind, seed=seed + 2000 + i).to(device)
+            v = adapter.linear(layer, "v_proj")
+            transform_weight(v, within_heads(per_head, hkv), device, rows=False)
+            if v.bias is not None:
+                v.bias.data = within_heads(per_head, hkv)(v.bias.data.to(device, torch.float64)).to(
+                    v.bias.device, v.bias.dtype
+                )
+            mix.to(device)
+            transform_weight(o, lambda w, m=mix, ph=per_head: m(within_heads(ph, hq)(w)), device)
+            mix.to(o.weight.device)
+    if entry.get("qk"):
+        attn = adapter.attention(layer)
+        attn.qtool.qk_rotate = OnlineRotation(d, kind, seed=seed + 4000 + i).to(attn.q_proj.weight.device)

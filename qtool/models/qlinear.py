@@ -12,26 +12,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtool.quant.quantizer import QSpec, dequantize, fake_quant
+from qtool.quant.quantizer import QSpec, QuantizedWeight, fake_quant
 
-
-@dataclass
-class QuantizedWeight:
-    """Integer codes (int8 ``[out, in]``), scale ``[out, groups]`` float32, zero int8, spec."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    spec: QSpec
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.zero, self.spec)
+__all__ = ["QLinear", "QuantizedWeight"]  # QuantizedWeight lives in qtool.quant.quantizer
 
 
 class QLinear(nn.Module):

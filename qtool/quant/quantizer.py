@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qtool.errors import QtoolError
+
 GRANULARITIES = ("tensor", "channel", "group", "token")
 
 
@@ -59,7 +61,7 @@ class QSpec:
     def check_width(self, width: int, name: str = "tensor") -> None:
         """Raise a clear error when a group size does not divide ``width``."""
         if self.granularity == "group" and width % self.group_size and not self.ragged:
-            raise ValueError(
+            raise QtoolError(
                 f"group_size {self.group_size} does not divide the input width {width} of {name}; "
                 f"use a group size that divides it (e.g. {_divisor_hint(width)}), per-channel "
                 f"quantization, or set ragged: true to allow a shorter last group"
@@ -108,17 +110,22 @@ def compute_qparams(
     ratio = spec.clip_ratio if clip is None else clip
     xmin = xg.amin(dim=-1).clamp(max=0) * ratio
     xmax = xg.amax(dim=-1).clamp(min=0) * ratio
+    scale, zero = grid_params(xmin, xmax, spec)
+    return scale, zero.to(torch.int8)
+
+
+def grid_params(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, rnd=torch.round):
+    """Scale and float zero point of the grid spanning ``[lo, hi]`` (``lo <= 0 <= hi``): the one
+    definition of the formula in the module docstring. ``rnd`` rounds the zero point (the
+    straight-through round in :func:`fake_quant_ste`)."""
     if spec.symmetric:
-        amax = torch.maximum(xmax, -xmin)
-        scale = (amax / spec.qmax).clamp(min=1e-8)
-        zero = torch.zeros_like(scale, dtype=torch.int8)
-    else:
-        scale = ((xmax - xmin) / (2**spec.bits - 1)).clamp(min=1e-8)
-        zero = (torch.round(-xmin / scale) + spec.qmin).clamp(spec.qmin, spec.qmax).to(torch.int8)
-    return scale, zero
+        scale = (torch.maximum(hi, -lo) / spec.qmax).clamp(min=1e-8)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (2**spec.bits - 1)).clamp(min=1e-8)
+    return scale, (rnd(-lo / scale) + spec.qmin).clamp(spec.qmin, spec.qmax)
 
 
-def _expand(p: torch.Tensor, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
+def expand_params(p: torch.Tensor, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """Broadcast per-(row, group) params to the shape of ``x``."""
     if spec.granularity == "tensor":
         return p.reshape(())
@@ -129,18 +136,22 @@ def _expand(p: torch.Tensor, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
     return full.reshape(x.shape)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:
-    """Integer codes (int8, signed) of ``x`` under ``scale``/``zero``."""
-    s = _expand(scale, x, spec)
-    z = _expand(zero.float(), x, spec)
-    q = torch.round(x.float() / s) + z
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec, offset: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Integer codes (int8, signed) of ``x`` under ``scale``/``zero``; ``offset`` (``x``'s shape, in
+    grid steps) is added before rounding (a rounding decision carried over from another solver)."""
+    s = expand_params(scale, x, spec)
+    z = expand_params(zero.float(), x, spec)
+    v = x.float() / s
+    q = torch.round(v if offset is None else v + offset) + z
     return q.clamp(spec.qmin, spec.qmax).to(torch.int8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """``(q - z) * s`` in float32."""
-    s = _expand(scale, q, spec)
-    z = _expand(zero.float(), q, spec)
+    s = expand_params(scale, q, spec)
+    z = expand_params(zero.float(), q, spec)
     return (q.float() - z) * s
 
 
@@ -159,13 +170,18 @@ def fake_quant(
 
 
 def fake_quant_ste(
-    x: torch.Tensor, spec: QSpec, clip=None, scale_dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    spec: QSpec,
+    clip=None,
+    scale_dtype: torch.dtype | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake quantization whose gradient passes straight through the rounding.
 
     Gradients reach ``x`` (identity through round) and ``clip`` (through the scale), as in
     learnable weight clipping (OmniQuant / BiSup). ``scale_dtype`` rounds the scales as in
-    :func:`fake_quant` (straight through as well).
+    :func:`fake_quant` (straight through as well). ``offset`` (``x``'s shape, in grid steps) is
+    added before rounding, as in :func:`quantize`.
     """
     xg, pad = _grouped(x.float(), spec)
     if spec.granularity == "tensor":
@@ -175,16 +191,15 @@ def fake_quant_ste(
         ratio = ratio.reshape(*ratio.shape, 1) if ratio.dim() == xg.dim() - 1 else ratio
     xmin = xg.amin(dim=-1, keepdim=True).clamp(max=0) * ratio
     xmax = xg.amax(dim=-1, keepdim=True).clamp(min=0) * ratio
-    if spec.symmetric:
-        scale = (torch.maximum(xmax, -xmin) / spec.qmax).clamp(min=1e-8)
-        zero = torch.zeros_like(scale)
-    else:
-        scale = ((xmax - xmin) / (2**spec.bits - 1)).clamp(min=1e-8)
-        zero = _round_ste(-xmin / scale) + spec.qmin
+    scale, zero = grid_params(xmin, xmax, spec, rnd=_round_ste)
     if scale_dtype is not None:
         stored = scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).to(scale.dtype)
         scale = scale + (stored - scale).detach()
-    q = torch.clamp(_round_ste(xg / scale) + zero, spec.qmin, spec.qmax)
+    v = xg / scale
+    if offset is not None:
+        og, _ = _grouped(offset.float(), spec)
+        v = v + og.reshape(v.shape)
+    q = torch.clamp(_round_ste(v) + zero, spec.qmin, spec.qmax)
     out = ((q - zero) * scale).reshape(*x.shape[:-1], -1)
     if pad:
         out = out[..., : x.shape[-1]]
@@ -217,13 +232,7 @@ def mse_clip_search(
     best = torch.ones_like(best_err)
     for i in range(int(max_shrink * grid) + 1):
         ratio = (1.0 - i / grid) * spec.clip_ratio
-        lo, hi = xmin * ratio, xmax * ratio
-        if spec.symmetric:
-            scale = (torch.maximum(hi, -lo) / spec.qmax).clamp(min=1e-8)
-            zero = torch.zeros_like(scale)
-        else:
-            scale = ((hi - lo) / (2**spec.bits - 1)).clamp(min=1e-8)
-            zero = (torch.round(-lo / scale) + spec.qmin).clamp(spec.qmin, spec.qmax)
+        scale, zero = grid_params(xmin * ratio, xmax * ratio, spec)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
         q = (torch.round(wg / s) + z).clamp_(spec.qmin, spec.qmax)
         err = ((q - z) * s - wg).abs_().pow_(norm).sum(dim=-1)
@@ -238,3 +247,16 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     ref = ref.double()
     noise = (ref - approx.double()).pow(2).sum()
     return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp(min=1e-30)))
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes (int8 ``[out, in]``), scale ``[out, groups]`` float32, zero int8, spec."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: QSpec
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero, self.spec)

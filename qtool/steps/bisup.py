@@ -30,138 +30,18 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from qtool.models.qlinear import QuantizedWeight
-from qtool.quant.quantizer import compute_qparams, fake_quant_ste, mse_clip_search, quantize
-from qtool.recipe import StepConfig
+from qtool.algorithms.bisup import BisupLinear, Smooth, SmoothView, head_logits, next_token_kl
 from qtool.steps import register
 from qtool.steps.layerwise import LayerwiseRunner
+from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
-CLIP_HI = 2.0  # learned clip ratio in (0, CLIP_HI): above 1 keeps a grid wider than the weight's max
-
-
-class BisupLinear(nn.Module):
-    """Training view of a QLinear: ``fq(x / s_in) @ fq((W + A B) * s_in / s_out)^T + U V^T x``.
-
-    ``s_in`` / ``s_out`` are shared ``Smooth`` parameters (or None); ``s_out`` divides output rows
-    (v_proj -> o_proj). ``divide_input``: the wrapper divides its input by ``s_in`` itself (the
-    producer is a norm, folded afterwards); False when the producer already does (o_proj reads
-    v_proj's rows divided by ``s``). Activation quantization uses the straight-through estimator.
-    """
-
-    def __init__(self, lin, spec, rank: int, s_in=None, s_out=None, divide_input: bool = True) -> None:
-        super().__init__()
-        self.lin, self.spec, self.s_in, self.s_out = lin, spec, s_in, s_out
-        self.divide_input = divide_input
-        W0 = lin.weight.data.float()
-        self.register_buffer("W0", W0)
-        m, d = W0.shape
-        base, _ = compute_qparams(W0, spec)
-        if lin.qweight is not None:
-            # reproduce the existing grid at the start: GPTQ's scale can exceed max|W| / qmax
-            # (rows whose codes never reach the edge), hence ratios above 1
-            clip = lin.qweight.scale.to(base) / base
-        else:
-            clip = mse_clip_search(W0, spec)
-        clip = clip.clamp(0.05, 0.99 * CLIP_HI) / CLIP_HI
-        self.clip_logit = nn.Parameter(torch.log(clip / (1 - clip)))
-        g = torch.Generator().manual_seed(m * 7919 + d)
-        self.A = nn.Parameter(torch.zeros(m, rank, device=W0.device)) if rank else None
-        self.B = nn.Parameter((torch.randn(rank, d, generator=g) / d**0.5).to(W0.device)) if rank else None
-
-    def effective_weight(self) -> torch.Tensor:
-        W = self.W0 if self.A is None else self.W0 + self.A @ self.B
-        if self.s_in is not None:
-            W = W * self.s_in.value()[None, :]
-        if self.s_out is not None:
-            W = W / self.s_out.value()[:, None]
-        return W
-
-    def clip(self) -> torch.Tensor:
-        return CLIP_HI * torch.sigmoid(self.clip_logit)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lin = self.lin
-        xt = lin.prepare_input(x)
-        xs = xt / self.s_in.value().to(xt.dtype) if (self.s_in is not None and self.divide_input) else xt
-        xs_unq = xs
-        if lin.act_spec is not None and lin.act_quant_enabled:
-            xs = fake_quant_ste(xs, lin.act_spec)
-        w = fake_quant_ste(self.effective_weight(), self.spec, clip=self.clip()).to(x.dtype)
-        bias = lin.bias
-        if bias is not None and self.s_out is not None:
-            bias = bias / self.s_out.value().to(bias.dtype)
-        y = nn.functional.linear(xs, w, bias)
-        if lin.lora_U is not None:  # the correction reads the unsmoothed input: V rows scaled by s
-            V = lin.lora_V if self.s_in is None else lin.lora_V * self.s_in.value()[:, None]
-            U = lin.lora_U if self.s_out is None else lin.lora_U / self.s_out.value()[:, None]
-            y = y + nn.functional.linear(nn.functional.linear(xs_unq, V.to(x.dtype).t()), U.to(x.dtype))
-        return y
-
-    @torch.no_grad()
-    def fold(self, scale_dtype) -> None:
-        """Write the trained parameters back into the QLinear as plain quantized weights."""
-        lin = self.lin
-        W = self.effective_weight()
-        scale, zero = compute_qparams(W, self.spec, self.clip())
-        scale = scale.to(scale_dtype).float()
-        lin.set_quantized(QuantizedWeight(quantize(W, scale, zero, self.spec), scale, zero, self.spec))
-        if self.s_out is not None:
-            so = self.s_out.value()
-            if lin.bias is not None:
-                lin.bias.data = (lin.bias.data / so).to(lin.bias.dtype)
-            if lin.lora_U is not None:
-                lin.set_lowrank((lin.lora_U / so[:, None]).to(lin.lora_U.dtype), lin.lora_V)
-        if self.s_in is not None and lin.lora_V is not None:
-            lin.set_lowrank(lin.lora_U, (lin.lora_V * self.s_in.value()[:, None]).to(lin.lora_V.dtype))
-
-
-class Smooth(nn.Module):
-    """Positive per-channel factors, ``repeat`` times tiled (v -> o: one per head_dim channel)."""
-
-    def __init__(self, n: int, device, repeat: int = 1) -> None:
-        super().__init__()
-        self.s = nn.Parameter(torch.ones(n, device=device))
-        self.repeat = repeat
-
-    def value(self, repeat: int | None = None) -> torch.Tensor:
-        return self.s.clamp(min=1e-2).repeat(self.repeat if repeat is None else repeat)
-
-    def penalty(self) -> torch.Tensor:
-        return (self.s - 1.0).pow(2).sum()
-
-
-class _Out(nn.Module):
-    """``s_out`` view of a Smooth tiled for the v_proj rows (num_kv_heads copies)."""
-
-    def __init__(self, smooth: Smooth, repeat: int) -> None:
-        super().__init__()
-        self.smooth, self.repeat = smooth, repeat
-
-    def value(self) -> torch.Tensor:
-        return self.smooth.value(self.repeat)
-
-
-def _head_logits(head, h: torch.Tensor) -> torch.Tensor:
-    """Next-token logits of residual-stream states ``h`` through ``head = (final_norm, lm_head)``
-    (RMSNorm written out so no gradient reaches the frozen head)."""
-    norm, lm = head
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    h = h.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm.weight.detach().float().to(h.device)
-    bias = None if lm.bias is None else lm.bias.detach().float().to(h.device)
-    return nn.functional.linear(h, lm.weight.detach().float().to(h.device), bias)
-
-
-def next_token_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(ref || q) between next-token log-distributions ``[..., vocab]``."""
-    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
 
 
 def _restore(adapter, layer, saved) -> None:
@@ -179,26 +59,17 @@ def _restore(adapter, layer, saved) -> None:
         norm.weight.data = old_norm.weight.data.to(norm.weight.device)
 
 
-def _fp_reference(ctx, step):
-    """The full-precision model in the quantized model's basis (snapshot, or rebuilt)."""
-    if ctx._fp_model is not None:
-        return ctx._fp_model
-    try:
-        from qtool.steps.intactkv import fp_reference
-    except ImportError:
-        fp_reference = None
-    if fp_reference is not None:
-        return fp_reference(ctx, step)
-    if any(getattr(m, "qweight", None) is not None for m in ctx.model.modules()):
-        raise ValueError("`bisup` after a weight step needs the full-precision model: put bisup first")
-    ctx.snapshot_fp()
-    return ctx._fp_model
-
-
 @register("bisup")
 class BiSup(StepConfig):
     """Block-wise QAT of weight clipping, soft-constrained smoothing and a low-rank compensation."""
 
+    quantizes_weights: ClassVar[bool] = True
+
+    start: Literal["fp", "quantized"] = Field(
+        "fp",
+        description="the weight trained under the quantizer: the full-precision one with the earlier "
+        "weight step's rounding kept as an offset (fp), or that step's dequantized weight (quantized)",
+    )
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate of every trained parameter")
     epochs: int = Field(4, ge=1, le=50, description="passes over the training samples per block")
     samples: int | None = Field(None, ge=1, description="calibration windows used (default: all)")
@@ -239,11 +110,8 @@ class BiSup(StepConfig):
     offload: bool = Field(True, description="keep calibration activations on the CPU")
 
     def apply(self, ctx) -> None:
-        w = ctx.scheme.weights
-        if w is None:
-            raise ValueError("`bisup` needs scheme.weights")
-        fp_model = _fp_reference(ctx, self)
-        spec = w.spec()
+        spec = ctx.weight_spec("bisup")
+        fp_model = ctx.fp_reference(self)
         targets = set(self.targets if self.targets is not None else ctx.scheme.targets) & set(
             ctx.scheme.targets
         )
@@ -267,7 +135,7 @@ class BiSup(StepConfig):
                     h = runner.fp_inputs[b].to(ctx.device)
                     for fl in fp_layers:
                         h = self._run_moved(runner, fl, h)
-                    fp_logp.append(torch.log_softmax(_head_logits(model_head, h), dim=-1).to(runner.store))
+                    fp_logp.append(torch.log_softmax(head_logits(model_head, h), dim=-1).to(runner.store))
         kl_now: list[float] = []
 
         def model_kl(i: int, layer) -> float:
@@ -278,7 +146,7 @@ class BiSup(StepConfig):
                     h = runner.run_layer(layer, runner.inputs[b].to(ctx.device))
                     for later in list(layers)[i + 1 :]:
                         h = self._run_moved(runner, later, h)
-                    lq = torch.log_softmax(_head_logits(model_head, h), dim=-1)
+                    lq = torch.log_softmax(head_logits(model_head, h), dim=-1)
                     lp = lp.to(lq.device)
                     total += float(next_token_kl(lp, lq))
             return total / len(hold)
@@ -359,10 +227,13 @@ class BiSup(StepConfig):
             lin = adapter.linear(layer, name)
             group = next((k for k, names in readers.items() if name in names), None)
             s_in = s_norm.get(group) if group else (s_o if name == "o_proj" else None)
-            s_out = _Out(s_o, lin.out_features // hd) if (name == "v_proj" and s_o is not None) else None
-            wrappers[name] = BisupLinear(lin, spec, self.rank, s_in, s_out, divide_input=name != "o_proj").to(
-                dev
+            s_out = (
+                SmoothView(s_o, lin.out_features // hd) if (name == "v_proj" and s_o is not None) else None
             )
+            w_fp = adapter.linear(fp_layer, name).weight.data if self.start == "fp" else None
+            wrappers[name] = BisupLinear(
+                lin, spec, self.rank, s_in, s_out, divide_input=name != "o_proj", w_fp=w_fp
+            ).to(dev)
             adapter.set_linear(layer, name, wrappers[name])
         params = [p for wr in wrappers.values() for p in (wr.A, wr.B) if p is not None]
         if self.clip:
@@ -417,8 +288,8 @@ class BiSup(StepConfig):
             y, target = y.float(), target.float()
             if head is not None:
                 with torch.no_grad():
-                    lp_t = torch.log_softmax(_head_logits(head, target), dim=-1)
-                lp_y = torch.log_softmax(_head_logits(head, y), dim=-1)
+                    lp_t = torch.log_softmax(head_logits(head, target), dim=-1)
+                lp_y = torch.log_softmax(head_logits(head, y), dim=-1)
                 return next_token_kl(lp_t, lp_y)
             if self.loss == "mse":
                 return nn.functional.mse_loss(y, target)

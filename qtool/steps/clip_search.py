@@ -24,11 +24,11 @@ import time
 import torch
 from pydantic import Field, field_validator
 
+from qtool.errors import QtoolError
 from qtool.quant.quantizer import fake_quant
-from qtool.recipe import StepConfig
 from qtool.steps import register
 from qtool.steps.layerwise import LayerwiseRunner, capture_inputs
-from qtool.steps.runtime import runtime_handler
+from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
 DEFAULT_GRID = [round(0.5 + 0.05 * i, 2) for i in range(11)]  # 0.5 .. 1.0
@@ -56,7 +56,7 @@ class ClipSearch(StepConfig):
         do_act = self.activations and scheme.activations is not None
         do_kv = self.kv and scheme.kv_cache is not None
         if not (do_act or do_kv):
-            raise ValueError(
+            raise QtoolError(
                 "`clip_search` needs scheme.activations or scheme.kv_cache (nothing to calibrate)"
             )
         start = time.perf_counter()
@@ -150,21 +150,3 @@ class ClipSearch(StepConfig):
 
 def _clip(spec, ratio: float):
     return dataclasses.replace(spec, clip_ratio=float(ratio))
-
-
-@runtime_handler("clip_search")
-def apply_clip_ratios(model, entry: dict) -> None:
-    """Set the recorded per-linear activation and per-layer KV clip ratios on a loaded model."""
-    from qtool.models.adapters import get_adapter
-
-    adapter = get_adapter(model.config)
-    layers = adapter.layers(model)
-    for key, ratio in entry.get("act", {}).items():
-        _, i, name = key.split(".")
-        lin = adapter.linear(layers[int(i)], name)
-        if getattr(lin, "act_spec", None) is not None:
-            lin.act_spec = _clip(lin.act_spec, ratio)
-    for key, ratio in entry.get("kv", {}).items():
-        st = adapter.attention(layers[int(key.split(".")[1])]).qtool
-        if st.k_spec is not None:
-            st.k_spec, st.v_spec = _clip(st.k_spec, ratio), _clip(st.v_spec, ratio)

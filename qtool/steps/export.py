@@ -7,8 +7,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from qtool.recipe import StepConfig
+from qtool.errors import QtoolError
 from qtool.steps import register
+from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
 
@@ -24,10 +25,10 @@ class Export(StepConfig):
     def apply(self, ctx) -> None:
         from qtool.export.writer import round_unquantized_, write_checkpoint
 
-        out = ctx.results.get("_output")
+        out = ctx.output
         if out is None:
-            raise ValueError("`export` needs an output folder: pass --output or set `output:` in the recipe")
-        size = write_checkpoint(ctx, out, self.format, overwrite=ctx.results.get("_overwrite", False))
+            raise QtoolError("`export` needs an output folder: pass --output or set `output:` in the recipe")
+        size = write_checkpoint(ctx, out, self.format, overwrite=ctx.overwrite)
         round_unquantized_(ctx.model, ctx.scale_dtype)
         ctx.record("export", {"path": str(out), "format": self.format, **size})
         logger.info("export: wrote %s (%.1f MB)", out, size["bytes"] / 1e6)

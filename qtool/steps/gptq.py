@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import ClassVar
 
 import torch
 from pydantic import Field
 
 from qtool.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qtool.models.qlinear import QuantizedWeight
-from qtool.recipe import StepConfig
 from qtool.steps import register
 from qtool.steps.layerwise import LayerwiseRunner, capture_inputs
+from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
-SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 def hessian_input(lin, x: torch.Tensor, quantized: bool) -> torch.Tensor:
@@ -32,6 +32,8 @@ def hessian_input(lin, x: torch.Tensor, quantized: bool) -> torch.Tensor:
 @register("gptq")
 class GPTQ(StepConfig):
     """GPTQ with damping, optional act-order, lazy block updates, groups and MSE clip search."""
+
+    quantizes_weights: ClassVar[bool] = True
 
     block_size: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0.0, description="damping as a share of mean(diag H)")
@@ -46,52 +48,64 @@ class GPTQ(StepConfig):
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
     offload: bool = Field(True, description="keep calibration activations on the CPU")
 
-    def apply(self, ctx) -> None:
-        w = ctx.scheme.weights
-        if w is None:
-            raise ValueError("`gptq` needs scheme.weights")
-        spec = w.spec()
-        targets = set(ctx.scheme.targets)
-        groups = SEQUENTIAL_GROUPS if self.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
-        runner = LayerwiseRunner(ctx, self.batch_size, self.offload)
-        errors: dict[str, float] = {}
-        start = time.perf_counter()
+    streams: ClassVar[bool] = True
+    needs_runner: ClassVar[bool] = True
 
-        def quantize_layer(i: int, layer) -> None:
-            for group in groups:
-                lins = {n: runner.adapter.linear(layer, n) for n in group if n in targets}
-                lins = {n: m for n, m in lins.items() if m.qweight is None}
-                if not lins:
-                    continue
-                hess = {n: HessianAccumulator() for n in lins}
+    def stream_start(self, ctx) -> None:
+        ctx.weight_spec("gptq")  # fail before any work when the scheme quantizes no weights
+        ctx.state["gptq"] = {"start": time.perf_counter(), "errors": {}, "last": -1}
 
-                def add(name, x, hess=hess, lins=lins):
-                    hess[name].add(hessian_input(lins[name], x, self.hessian_on_quantized_inputs))
+    def stream_layer(self, ctx, runner, i: int, layer) -> None:
+        """Decoder layer ``i``, its inputs in ``runner`` (the outputs of the quantized layers before)."""
+        spec = ctx.weight_spec("gptq")
+        st = ctx.state["gptq"]
+        st["last"] = i
+        for group in ctx.sequential_groups(self.true_sequential):
+            lins = ctx.pending({n: runner.adapter.linear(layer, n) for n in group})
+            if not lins:
+                continue
+            hess = {n: HessianAccumulator() for n in lins}
 
-                with capture_inputs(lins, add, stop=True):
-                    runner.forward_all(layer)
-                for name, lin in lins.items():
-                    res = gptq_quantize(
-                        lin.weight.data.float(),
-                        hess[name].H,
-                        spec,
-                        block_size=self.block_size,
-                        damp=self.damp,
-                        act_order=self.act_order,
-                        mse_clip=self.mse_clip,
-                        scale_dtype=ctx.scale_dtype,
-                    )
-                    lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
-                    errors[f"layers.{i}.{name}"] = res.loss
+            def add(name, x, hess=hess, lins=lins):
+                hess[name].add(hessian_input(lins[name], x, self.hessian_on_quantized_inputs))
 
-        runner.run(quantize_layer, "gptq")
+            with capture_inputs(lins, add, stop=True):
+                runner.forward_all(layer)
+            for name, lin in lins.items():
+                res = gptq_quantize(
+                    lin.weight.data.float(),
+                    hess[name].H,
+                    spec,
+                    block_size=self.block_size,
+                    damp=self.damp,
+                    act_order=self.act_order,
+                    mse_clip=self.mse_clip,
+                    scale_dtype=ctx.scale_dtype,
+                )
+                lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
+                st["errors"][f"layers.{i}.{name}"] = res.loss
+
+    def layer_summary(self, ctx) -> str:
+        """The last finished layer's errors, for its progress line in logs."""
+        st = ctx.state["gptq"]
+        mine = [v for k, v in st["errors"].items() if k.startswith(f"layers.{st['last']}.")]
+        return f"mean GPTQ loss {sum(mine) / len(mine):.4g}" if mine else "no linear quantized"
+
+    def stream_end(self, ctx) -> None:
+        st = ctx.state["gptq"]
+        seconds = time.perf_counter() - st["start"]
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None
         ctx.record(
-            "gptq",
-            {
-                "layer_errors": errors,
-                "peak_gpu_memory_gb": peak,
-                "solve_seconds": time.perf_counter() - start,
-            },
+            "gptq", {"layer_errors": st["errors"], "peak_gpu_memory_gb": peak, "solve_seconds": seconds}
         )
-        logger.info("gptq: %d linears in %.1fs", len(errors), time.perf_counter() - start)
+        logger.info("gptq: %d linears in %.1fs", len(st["errors"]), seconds)
+
+    def apply(self, ctx) -> None:
+        self.stream_start(ctx)
+        runner = LayerwiseRunner(ctx, self.batch_size, self.offload)
+        runner.run(
+            lambda i, layer: self.stream_layer(ctx, runner, i, layer),
+            "gptq",
+            detail=lambda: self.layer_summary(ctx),
+        )
+        self.stream_end(ctx)

@@ -21,17 +21,18 @@ from contextlib import contextmanager
 import torch
 from pydantic import Field
 
+from qtool.config import Closed
+from qtool.errors import QtoolError
 from qtool.log import track
 from qtool.models.adapters import get_adapter
-from qtool.models.pivot import PivotCache, cache_kw, compute_prefix_cache, load_pivot, save_pivot
-from qtool.models.prepare import iter_qlinears, prepare_model, set_quantization_enabled
+from qtool.models.features import PIVOT_FILE
+from qtool.models.pivot import PivotCache, cache_kw, compute_prefix_cache
+from qtool.models.prepare import iter_qlinears
 from qtool.quant.quantizer import fake_quant_ste
-from qtool.recipe import Closed, StepConfig, step_name
 from qtool.steps import register
-from qtool.steps.runtime import runtime_handler
+from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
-SIDECAR = "intactkv_pivot.safetensors"
 
 
 class CalibrateOptions(Closed):
@@ -56,7 +57,7 @@ class IntactKV(StepConfig):
     def apply(self, ctx) -> None:
         start = time.perf_counter()
         ids = pivot_token_ids(ctx.tokenizer, self.pivot)
-        fp = fp_reference(ctx, self)
+        fp = ctx.fp_reference(self)
         pivot = compute_prefix_cache(fp, ids, dtype=ctx.scale_dtype)
         info: dict = {"pivot_tokens": ids, "calibrated": False}
         if self.calibrate is not None:
@@ -70,11 +71,12 @@ class IntactKV(StepConfig):
             )
             info.update(calibrated=True, loss_before=before, loss_after=after)
         ctx.model.qtool_pivot = pivot
-        ctx.runtime["intactkv"] = {"pivot_tokens": ids, "sidecar": SIDECAR, "calibrated": info["calibrated"]}
-        dtype = ctx.scale_dtype
-        ctx.runtime.setdefault("sidecars", {})[SIDECAR] = lambda path: save_pivot(
-            ctx.model.qtool_pivot, path, dtype
-        )
+        # export writes model.qtool_pivot as the sidecar (qtool.models.features)
+        ctx.runtime["intactkv"] = {
+            "pivot_tokens": ids,
+            "sidecar": PIVOT_FILE,
+            "calibrated": info["calibrated"],
+        }
         ctx.record("intactkv", {**info, "seconds_pivot": time.perf_counter() - start})
         logger.info(
             "intactkv: pivot of %d token(s)%s", len(ids), " (calibrated)" if info["calibrated"] else ""
@@ -84,53 +86,16 @@ class IntactKV(StepConfig):
 def pivot_token_ids(tokenizer, pivot: str | list[int]) -> list[int]:
     if isinstance(pivot, list):
         if not pivot:
-            raise ValueError("intactkv: `pivot` token ids must not be empty")
+            raise QtoolError("intactkv: `pivot` token ids must not be empty")
         return [int(t) for t in pivot]
     if pivot == "bos":
         if tokenizer.bos_token_id is None:
-            raise ValueError("intactkv: this tokenizer has no BOS token; give `pivot` as a text or token ids")
+            raise QtoolError("intactkv: this tokenizer has no BOS token; give `pivot` as a text or token ids")
         return [int(tokenizer.bos_token_id)]
     ids = tokenizer(pivot, add_special_tokens=False).input_ids
     if not ids:
-        raise ValueError("intactkv: `pivot` text tokenizes to nothing")
+        raise QtoolError("intactkv: `pivot` text tokenizes to nothing")
     return ids
-
-
-# --- the full-precision reference -------------------------------------------------------------
-
-
-def fp_reference(ctx, upto=None):
-    """The full-precision model in the quantized model's basis (rotated, smoothing folded).
-
-    Uses ``ctx``'s snapshot when one exists; snapshots the model when no weight is quantized yet;
-    otherwise rebuilds it: reloads the model and replays the function-preserving transforms of
-    the recipe's steps before ``upto`` (``rotate``, and ``kv_smooth`` from its recorded entry).
-    """
-    if ctx._fp_model is not None:
-        return ctx._fp_model
-    if not any(lin.qweight is not None for _, _, lin in iter_qlinears(ctx.model)):
-        ctx.snapshot_fp()
-        return ctx._fp_model
-    from qtool.models.loading import load_hf_model
-    from qtool.steps.base import Context
-
-    logger.info("rebuilding the full-precision reference (rotations and smoothing replayed)")
-    model, tok = load_hf_model(ctx.recipe.model, ctx.recipe.dtype, str(ctx.device))
-    prepare_model(model, ctx.scheme)
-    sub = Context(recipe=ctx.recipe, model=model, tokenizer=tok, device=ctx.device)
-    for step in ctx.recipe.steps:
-        if step is upto:
-            break
-        name = step_name(step)
-        if name == "rotate":
-            step.apply(sub)
-        elif name == "kv_smooth" and "kv_smooth" in ctx.runtime:
-            from qtool.steps.kv_smooth import apply_smoothing
-
-            apply_smoothing(model, ctx.runtime["kv_smooth"], fold=True)
-    set_quantization_enabled(model, False)
-    ctx._fp_model = model
-    return model
 
 
 # --- training helpers shared with kv_smooth ------------------------------------------------------
@@ -239,23 +204,3 @@ def calibrate_pivot(model, fp, pivot: PivotCache, windows: torch.Tensor, opt: Ca
         pivot.token_ids, [k.detach().float().cpu() for k in keys], [v.detach().float().cpu() for v in values]
     )
     return first, final, out
-
-
-# --- export / reload ----------------------------------------------------------------------------
-
-
-@runtime_handler("intactkv")
-def _reload_entry(model, entry: dict) -> None:
-    """Nothing to rebuild in the modules; the sidecar is attached by the loader hook below."""
-
-
-def _register_loader() -> None:
-    from qtool.export.loader import register_runtime_loader
-
-    @register_runtime_loader("intactkv")
-    def _load(model, meta, path) -> None:
-        entry = meta["runtime"]["intactkv"]
-        model.qtool_pivot = load_pivot(path / entry.get("sidecar", SIDECAR))
-
-
-_register_loader()

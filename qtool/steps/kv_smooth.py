@@ -33,14 +33,17 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from qtool.algorithms.kv_smooth import fold_linear
+from qtool.config import Closed
+from qtool.errors import QtoolError
 from qtool.models.adapters import get_adapter
-from qtool.models.prepare import iter_qlinears, set_quantization_enabled
+from qtool.models.kv_smooth import apply_layer_smoothing, apply_smoothing
+from qtool.models.prepare import set_quantization_enabled
 from qtool.models.qlinear import QuantizedWeight
 from qtool.quant.quantizer import compute_qparams, fake_quant_ste, n_groups, quantize
-from qtool.recipe import Closed, StepConfig
 from qtool.steps import register
 from qtool.steps.layerwise import LayerwiseRunner
-from qtool.steps.runtime import runtime_handler
+from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
 
@@ -60,6 +63,13 @@ class LearnOptions(Closed):
     cross_blocks: int = Field(1, ge=0, description="k: following full-precision blocks in the loss")
     own_weight: float = Field(1.0, ge=0.0, description="weight of the block's own output MAE")
     cross_weight: float = Field(1.0, ge=0.0, description="weight of the MAE after the next k blocks")
+    holdout: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="share of the batches kept out of training; each block keeps the epoch (or the "
+        "statistics start) with the lowest held-out loss",
+    )
 
 
 @register("kv_smooth")
@@ -76,9 +86,9 @@ class KVSmooth(StepConfig):
 
     def apply(self, ctx) -> None:
         if ctx.scheme.kv_cache is None:
-            raise ValueError("`kv_smooth` needs scheme.kv_cache (it smooths the quantized KV cache)")
-        if any(lin.qweight is not None for _, _, lin in iter_qlinears(ctx.model)):
-            raise ValueError(
+            raise QtoolError("`kv_smooth` needs scheme.kv_cache (it smooths the quantized KV cache)")
+        if ctx.weights_quantized():
+            raise QtoolError(
                 "`kv_smooth` folds into the weights: put it before the weight steps (rtn, gptq, ...)"
             )
         start = time.perf_counter()
@@ -110,7 +120,7 @@ class KVSmooth(StepConfig):
                 )
                 losses[f"layers.{i}"] = hist
             entry = {k: v.tolist() for k, v in params.items()}
-            _apply_layer(layer, adapter, entry, fold_k, fold_v, fold=True)
+            apply_layer_smoothing(layer, adapter, entry, fold_k, fold_v, fold=True)
             if clips:
                 quantize_with_clips(layer, adapter, clips, ctx.scheme.weights.spec(), ctx.scale_dtype)
             layers_entry.append(entry)
@@ -118,8 +128,8 @@ class KVSmooth(StepConfig):
         runner.run(smooth_layer, "kv_smooth", fp_layers=fp_layers)
         entry = {"fold_k": fold_k, "fold_v": fold_v, "layers": layers_entry}
         ctx.runtime["kv_smooth"] = entry
-        if ctx._fp_model is not None:  # keep an existing full-precision snapshot in the same basis
-            apply_smoothing(ctx._fp_model, entry, fold=True)
+        if ctx.has_fp_reference():  # keep an existing full-precision snapshot in the same basis
+            apply_smoothing(ctx.fp_reference(), entry, fold=True)
         ctx.record(
             "kv_smooth",
             {
@@ -135,6 +145,10 @@ class KVSmooth(StepConfig):
             "folded" if fold_k else "runtime",
             "folded" if fold_v else "runtime",
         )
+
+    def replay_on_reference(self, ref_ctx, ctx) -> None:
+        if "kv_smooth" in ctx.runtime:  # the recorded smoothing, folded like in the quantized model
+            apply_smoothing(ref_ctx.model, ctx.runtime["kv_smooth"], fold=True)
 
 
 # --- statistics and initialization (pure tensor math) --------------------------------------------
@@ -178,50 +192,6 @@ def init_smoothing(kmin, kmax, vmin, vmax, alpha: float, shift: bool = True) -> 
     return out
 
 
-def _q_rows(s: torch.Tensor, groups: int) -> torch.Tensor:
-    """A per-KV-head ``[H_kv, D]`` factor as one per q/o channel ``[H_kv * groups * D]``."""
-    return s.repeat_interleave(groups, dim=0).reshape(-1)
-
-
-@torch.no_grad()
-def _apply_layer(layer, adapter, entry: dict, fold_k: bool, fold_v: bool, fold: bool) -> None:
-    """Fold the scales of one layer's smoothing (when ``fold``) and set its runtime state."""
-    st = adapter.attention(layer).qtool
-    sk = torch.tensor(entry["k_scale"], dtype=torch.float64)
-    sv = torch.tensor(entry["v_scale"], dtype=torch.float64)
-    groups = adapter.attention(layer).config.num_attention_heads // sk.shape[0]
-    if fold and fold_k:
-        _scale_rows(adapter.linear(layer, "k_proj"), 1 / sk.reshape(-1))
-        _scale_rows(adapter.linear(layer, "q_proj"), _q_rows(sk, groups))
-    if fold and fold_v:
-        _scale_rows(adapter.linear(layer, "v_proj"), 1 / sv.reshape(-1))
-        o = adapter.linear(layer, "o_proj")
-        o.weight.data = (o.weight.data.double() * _q_rows(sv, groups)[None]).to(o.weight.dtype)
-    dev = adapter.linear(layer, "k_proj").weight.device
-    st.k_shift = torch.tensor(entry["k_shift"], dtype=torch.float32, device=dev)
-    st.v_shift = torch.tensor(entry["v_shift"], dtype=torch.float32, device=dev)
-    st.k_scale = None if fold_k else sk.float().to(dev)
-    st.v_scale = None if fold_v else sv.float().to(dev)
-
-
-def _scale_rows(lin, s: torch.Tensor) -> None:
-    lin.weight.data = (lin.weight.data.double() * s[:, None].to(lin.weight.device)).to(lin.weight.dtype)
-    if lin.bias is not None:
-        lin.bias.data = (lin.bias.data.double() * s.to(lin.bias.device)).to(lin.bias.dtype)
-
-
-def apply_smoothing(model, entry: dict, fold: bool) -> None:
-    """Apply a recorded ``kv_smooth`` entry; ``fold=False`` when the weights already carry it."""
-    adapter = get_adapter(model.config)
-    for layer, e in zip(adapter.layers(model), entry["layers"], strict=True):
-        _apply_layer(layer, adapter, e, entry["fold_k"], entry["fold_v"], fold)
-
-
-@runtime_handler("kv_smooth")
-def _reload(model, entry: dict) -> None:
-    apply_smoothing(model, entry, fold=False)
-
-
 # --- learning with the cross-block loss ----------------------------------------------------------
 
 
@@ -251,37 +221,17 @@ def learn_block(runner, i, layer, fp_layers, init, lo: LearnOptions, ctx, fold_k
         sk = torch.cat([log_sk, log_sk], dim=-1).exp()
         return sk, log_sv.exp()
 
-    def weight(n):
+    def weight_and_bias(n):
         sk, sv = scales()
-        w = base[n].float()
-        if n == "k_proj" and fold_k:
-            w = w / sk.reshape(-1)[:, None]
-        if n == "q_proj" and fold_k:
-            w = w * _q_rows(sk, groups)[:, None]
-        if n == "v_proj" and fold_v:
-            w = w / sv.reshape(-1)[:, None]
-        if n == "o_proj" and fold_v:
-            w = w * _q_rows(sv, groups)[None]
+        b = lins[n].bias
+        w, b = fold_linear(n, base[n].float(), b, sk, sv, groups, fold_k, fold_v)
         if n in clips:
             w = fake_quant_ste(w, wspec, clip=torch.sigmoid(clips[n]))
-        return w
-
-    def bias(n):
-        b = lins[n].bias
-        if b is None:
-            return None
-        sk, sv = scales()
-        if n == "k_proj" and fold_k:
-            return b / sk.reshape(-1)
-        if n == "q_proj" and fold_k:
-            return b * _q_rows(sk, groups)
-        if n == "v_proj" and fold_v:
-            return b / sv.reshape(-1)
-        return b
+        return w, b
 
     for n, lin in lins.items():
         lin.forward = lambda x, n=n, lin=lin: F.linear(
-            lin.quantize_input(lin.prepare_input(x)), weight(n), bias(n)
+            lin.quantize_input(lin.prepare_input(x)), *weight_and_bias(n)
         )
     nxt = [fp_layers[j].to(device) for j in range(i + 1, min(i + 1 + lo.cross_blocks, len(fp_layers)))]
     fp_layer = fp_layers[i].to(device)
@@ -298,33 +248,59 @@ def learn_block(runner, i, layer, fp_layers, init, lo: LearnOptions, ctx, fold_k
         st.k_scale = None if fold_k else sk
         st.v_scale = None if fold_v else sv
 
+    batches = list(zip(runner.inputs, runner.fp_inputs, strict=True))
+    n_hold = min(len(batches) - 1, round(lo.holdout * len(batches)))
+    train, held = batches[: len(batches) - n_hold], batches[len(batches) - n_hold :]
+    params = [p for g in groups_p for p in g["params"]]
+
+    def block_loss(xq, xf):
+        xq, xf = xq.to(device), xf.to(device)
+        with torch.no_grad():
+            yf = fp_layer(xf, position_embeddings=pe)
+            tf = [yf]
+            for blk in nxt:
+                tf.append(blk(tf[-1], position_embeddings=pe))
+        set_state()
+        yq = layer(xq, position_embeddings=pe)
+        loss = lo.own_weight * (yq.float() - yf.float()).abs().mean()
+        h = yq
+        for blk, t in zip(nxt, tf[1:], strict=True):
+            h = blk(h, position_embeddings=pe)
+            loss = loss + lo.cross_weight * (h.float() - t.float()).abs().mean()
+        return loss
+
+    def held_loss() -> float | None:
+        if not held:
+            return None
+        with torch.no_grad():
+            return sum(float(block_loss(xq, xf)) for xq, xf in held) / len(held)
+
+    held_hist: list[float | None] = []
     st.ste = True
     try:
+        held_hist.append(held_loss())  # epoch 0: the statistics start
+        best = (held_hist[0], 0, [p.detach().clone() for p in params])
         with torch.enable_grad():
-            for _ in range(lo.epochs):
+            for epoch in range(1, lo.epochs + 1):
                 total = 0.0
-                for xq, xf in zip(runner.batches(), runner.batches(fp=True), strict=True):
-                    with torch.no_grad():
-                        yf = fp_layer(xf, position_embeddings=pe)
-                        tf = [yf]
-                        for blk in nxt:
-                            tf.append(blk(tf[-1], position_embeddings=pe))
-                    set_state()
-                    yq = layer(xq, position_embeddings=pe)
-                    loss = lo.own_weight * (yq.float() - yf.float()).abs().mean()
-                    h = yq
-                    for blk, t in zip(nxt, tf[1:], strict=True):
-                        h = blk(h, position_embeddings=pe)
-                        loss = loss + lo.cross_weight * (h.float() - t.float()).abs().mean()
+                for xq, xf in train:
+                    loss = block_loss(xq, xf)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     total += float(loss.detach())
-                hist.append(total / max(1, len(runner.inputs)))
+                hist.append(total / max(1, len(train)))
+                held_hist.append(held_loss())
+                if held_hist[-1] is None or held_hist[-1] < best[0]:
+                    best = (held_hist[-1], epoch, [p.detach().clone() for p in params])
+        with torch.no_grad():  # keep the best epoch on the held-out batches (or the start)
+            for p, v in zip(params, best[2], strict=True):
+                p.copy_(v)
     finally:
         st.ste = False
         for lin in lins.values():
             del lin.forward
+    report = {"train": hist, "holdout": held_hist, "epoch_kept": best[1]}
     with torch.no_grad():
         sk, sv = scales()
         out = {
@@ -334,7 +310,7 @@ def learn_block(runner, i, layer, fp_layers, init, lo: LearnOptions, ctx, fold_k
             "v_shift": v_shift.detach().cpu(),
         }
     learned_clips = {n: torch.sigmoid(c).detach() for n, c in clips.items()} if clips else None
-    return out, hist, learned_clips
+    return out, report, learned_clips
 
 
 @torch.no_grad()

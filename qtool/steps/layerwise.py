@@ -80,11 +80,16 @@ class LayerwiseRunner:
             self.fp_inputs = [self.run_layer(fp_layer, x).to(self.store) for x in self.fp_inputs]
 
     def run(
-        self, fn: Callable[[int, nn.Module], None], description: str, fp_layers: nn.ModuleList | None = None
+        self,
+        fn: Callable[[int, nn.Module], None],
+        description: str,
+        fp_layers: nn.ModuleList | None = None,
+        detail: Callable[[], str] | None = None,
     ) -> None:
-        """For each layer: move it to the device, ``fn(index, layer)``, advance the streams."""
+        """For each layer: move it to the device, ``fn(index, layer)``, advance the streams.
+        ``detail()`` adds to each layer's progress line in logs (e.g. its quantization error)."""
         layers = self.layers()
-        for i in track(range(len(layers)), description):
+        for i in track(range(len(layers)), description, detail=detail):
             layer = layers[i].to(self.device)
             fn(i, layer)
             fp_layer = None if fp_layers is None else fp_layers[i].to(self.device)

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from qtool.algorithms.lowrank import LowRankStats, lowrank_solve, rank_for_fraction
+from qtool.errors import QtoolError
 from qtool.models.qlinear import QuantizedWeight
-from qtool.recipe import StepConfig
 from qtool.steps import register
-from qtool.steps.gptq import SEQUENTIAL_GROUPS
 from qtool.steps.layerwise import LayerwiseRunner, capture_inputs
+from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
 
@@ -46,6 +46,8 @@ def _share_key(name: str, lin, group: tuple[str, ...], lins: dict) -> str:
 @register("lowrank")
 class LowRank(StepConfig):
     """Quantize weights with GPTQ and fit a full-precision rank-k correction ``U V^T`` jointly."""
+
+    quantizes_weights: ClassVar[bool] = True
 
     rank: int | None = Field(
         None, ge=0, description="absolute rank of every correction (or use rank_fraction)"
@@ -90,17 +92,14 @@ class LowRank(StepConfig):
         return min(k, m, d)
 
     def apply(self, ctx) -> None:
-        w = ctx.scheme.weights
-        if w is None:
-            raise ValueError("`lowrank` quantizes weights with GPTQ and needs scheme.weights")
-        spec = w.spec()
+        spec = ctx.weight_spec("lowrank")
         quant = set(ctx.scheme.targets)
         corrected = set(self.targets) if self.targets is not None else quant
         if corrected - quant:
-            raise ValueError(
+            raise QtoolError(
                 f"lowrank.targets {sorted(corrected - quant)} are not quantized; choose among scheme.targets"
             )
-        groups = SEQUENTIAL_GROUPS if self.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
+        groups = ctx.sequential_groups(self.true_sequential)
         runner = LayerwiseRunner(ctx, self.batch_size, self.offload)
         info: dict[str, dict] = {}
         extra_params = 0
@@ -115,8 +114,7 @@ class LowRank(StepConfig):
         def solve_layer(i: int, layer) -> None:
             nonlocal extra_params
             for group in groups:
-                lins = {n: runner.adapter.linear(layer, n) for n in group if n in quant}
-                lins = {n: m for n, m in lins.items() if m.qweight is None}
+                lins = ctx.pending({n: runner.adapter.linear(layer, n) for n in group})
                 if not lins:
                     continue
                 keys = {n: _share_key(n, m, group, lins) for n, m in lins.items()}
@@ -162,10 +160,8 @@ class LowRank(StepConfig):
 
         runner.run(solve_layer, "lowrank")
         seconds = time.perf_counter() - start
-        if extra_params:
-            from qtool.export.lora import register_lora_sidecar
-
-            register_lora_sidecar(ctx)
+        if extra_params:  # export writes the factors as a PEFT LoRA adapter beside the weights
+            ctx.runtime["lowrank"] = {"base_model": ctx.recipe.model}
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None
         ctx.record(
             "lowrank",

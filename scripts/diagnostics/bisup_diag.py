@@ -33,7 +33,6 @@ def gptq_base(model_name: str, calib_samples: int, calib_seq_len: int, bisup: di
     from qtool.models.prepare import prepare_model
     from qtool.recipe import Recipe
     from qtool.steps.base import Context
-    from qtool.steps.intactkv import fp_reference
 
     torch.manual_seed(0)
     model, tok = load_hf_model(model_name, "float32", "cpu")
@@ -54,7 +53,7 @@ def gptq_base(model_name: str, calib_samples: int, calib_seq_len: int, bisup: di
     for step in recipe.steps[:2]:
         step.apply(ctx)
     seconds = time.perf_counter() - t0
-    return Base(tok, calib, recipe, model, ctx, seconds, fp_reference(ctx))
+    return Base(tok, calib, recipe, model, ctx, seconds, ctx.fp_reference())
 
 
 def train_bisup(base: Base, windows) -> tuple[object, object, float]:
@@ -65,7 +64,8 @@ def train_bisup(base: Base, windows) -> tuple[object, object, float]:
 
     model = copy.deepcopy(base.model)
     ctx = Context(recipe=base.recipe, model=model, tokenizer=base.tok, device=torch.device("cpu"))
-    ctx._calibration, ctx._fp_model = windows, base.fp_rot
+    ctx._calibration = windows
+    ctx.use_fp_reference(base.fp_rot)
     t0 = time.perf_counter()
     base.recipe.steps[-1].apply(ctx)
     return model, ctx, time.perf_counter() - t0

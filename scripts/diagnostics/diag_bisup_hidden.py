@@ -23,9 +23,9 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
+    from qtool.algorithms.bisup import next_token_kl
     from qtool.api import versions
     from qtool.data.datasets import calibration_windows
-    from qtool.steps.bisup import next_token_kl
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")

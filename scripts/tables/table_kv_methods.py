@@ -132,7 +132,7 @@ def main() -> None:
     from qtool.log import setup_logging
     from qtool.models.loading import load_hf_model
     from qtool.recipe import KVScheme
-    from qtool.steps.intactkv import CalibrateOptions, IntactKV, fp_reference
+    from qtool.steps.intactkv import CalibrateOptions, IntactKV
 
     setup_logging()
     wq = "GPTQ" if args.weights == "gptq" else "RTN-mse"
@@ -249,7 +249,7 @@ def main() -> None:
         time.perf_counter() - t0,
         "w4kv4",
     )
-    chat_rows("W4KV4 WKVQuant recipe", ctx.model, ctx.tokenizer, fp_reference(ctx))
+    chat_rows("W4KV4 WKVQuant recipe", ctx.model, ctx.tokenizer, ctx.fp_reference())
     del ctx
 
     # W4A4KV4 rotate + GPTQ, with and without IntactKV-B, calibrated IntactKV
@@ -270,7 +270,7 @@ def main() -> None:
     ppl_row(
         "  + IntactKV-B", ctx.model, ctx.tokenizer, "recipes/smollm2-w4a4kv4-intactkv.yaml", group="w4a4kv4"
     )
-    chat_rows(f"W4A4KV4 rotate + {wq}", ctx.model, ctx.tokenizer, fp_reference(ctx))
+    chat_rows(f"W4A4KV4 rotate + {wq}", ctx.model, ctx.tokenizer, ctx.fp_reference())
     t0 = time.perf_counter()
     cal = CalibrateOptions(
         steps=args.intactkv_steps,

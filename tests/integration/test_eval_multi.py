@@ -173,7 +173,12 @@ def test_gates_on_constructed_rows():
     from qtool.eval.gates import evaluate_gates, make_gates
 
     rows = [
-        {"model": "fp", "ppl": 20.0, "ppl_ratio": 1.0, "tasks": {"t": {"metrics": {"acc": 0.7, "acc_norm": 0.6}}}},
+        {
+            "model": "fp",
+            "ppl": 20.0,
+            "ppl_ratio": 1.0,
+            "tasks": {"t": {"metrics": {"acc": 0.7, "acc_norm": 0.6}}},
+        },
         {"model": "q", "ppl": 25.0, "ppl_ratio": 1.25, "tasks": {"t": {"metrics": {"acc": 0.5}}}},
         {"model": "bad", "ppl": math.inf, "ppl_ratio": math.inf, "tasks": {}},
     ]

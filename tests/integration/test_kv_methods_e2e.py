@@ -149,7 +149,7 @@ def test_smollm2_intactkv_and_smoothing(smollm2_path):
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     w = eval_token_ids(tok)[:512][None]
     bos = [tok.bos_token_id]
-    fp = ctx.fp_model()
+    fp = ctx.fp_reference()
     ref = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(fp(w[:, :128]).logits, ref(w[:, :128]).logits, rtol=1e-3, atol=2e-3)

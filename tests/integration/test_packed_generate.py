@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qtool.api import run_recipe
+from qtool.errors import QtoolError
 from qtool.generate import decode, generate
 from qtool.models.kv4_runtime import PackedKVCache, kv4_unsupported, packed_kv_reason
 from qtool.models.packed import pack_model
@@ -159,7 +160,7 @@ def test_bench_generate_runs_on_cpu_references():
     for b in (1, 2):
         fp, q = rows[("16-bit", b)], rows[("W4A16 + KV4", b)]
         assert q["kv_cache_bytes"] <= 0.3 * fp["kv_cache_bytes"] and q["tokens_per_s"] > 0
-    with pytest.raises(ValueError, match="unknown model shape"):
+    with pytest.raises(QtoolError, match="unknown model shape"):
         bench_generate("llama-9000", device="cpu")
 
 
@@ -183,7 +184,7 @@ def test_bench_cli_goes_through_the_api(tmp_path):
     assert data["bench"] == "generate" and data["device"] == {"device": "cpu"}
     assert {r["model"] for r in data["rows"]} == {"16-bit", "W4A16 + KV4"}
     res = runner.invoke(app, ["bench", "generate", "--shape", "llama-9000", "--device", "cpu"])
-    assert res.exit_code == 2 and "unknown model shape" in res.output
+    assert res.exit_code == 1 and "unknown model shape" in res.output
     if not (torch.cuda.is_available() and backend() == "cuda"):
         res = runner.invoke(app, ["bench", "matmul", "--iters", "1"])
-        assert res.exit_code == 2 and "make kernels" in res.output and "Traceback" not in res.output
+        assert res.exit_code == 1 and "make kernels" in res.output and "Traceback" not in res.output

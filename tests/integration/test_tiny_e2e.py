@@ -321,8 +321,8 @@ def test_cli_quantize_and_eval_json(tiny_llama_dir, tmp_path, text_file):
 def test_cli_eval_bad_dtype_and_missing_model(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["eval", str(tmp_path), "--dtype", "int8"])
-    assert res.exit_code == 2 and "--dtype must be float32, bfloat16 or float16" in " ".join(
+    assert res.exit_code == 1 and "--dtype must be float32, bfloat16 or float16" in " ".join(
         res.output.split()
     )
     res = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--limit", "1"])
-    assert res.exit_code == 2 and "error" in res.output
+    assert res.exit_code == 1 and "error" in res.output

@@ -81,14 +81,17 @@ def test_training_lowers_the_block_loss(tiny_llama_dir):
     assert all(b["holdout_before"] is None and b["holdout_after"] is None for b in blocks.values())
 
 
+@pytest.mark.parametrize("start", ["fp", "quantized"])
 @pytest.mark.parametrize("preset", ["W4A4KV4", "W4A16"])
-def test_untrained_bisup_after_gptq_keeps_the_gptq_grid(tiny_llama_dir, preset):
+def test_untrained_bisup_after_gptq_keeps_the_gptq_grid(tiny_llama_dir, preset, start):
     """BiSup starts from GPTQ's grid, including rows whose codes never reach the edge (their
-    scale exceeds max|W| / qmax): with nothing learned the fold gives back GPTQ's exact codes."""
+    scale exceeds max|W| / qmax): with nothing learned the fold gives back GPTQ's exact codes,
+    whether the trained weight is GPTQ's dequantized one or the full-precision one (GPTQ's
+    rounding then kept as an offset)."""
     scheme = {"preset": preset, "weights": {"bits": 4, "group_size": None}}
     gptq = {"gptq": {"act_order": True, "mse_clip": True}}
     ref = run_steps(tiny_llama_dir, ["rotate", gptq], scheme, checkpoint_dtype="float32")
-    bis = {"bisup": {"lr": 1e-12, "rank": 0, "smooth": False, "epochs": 1}}
+    bis = {"bisup": {"lr": 1e-12, "rank": 0, "smooth": False, "epochs": 1, "start": start}}
     got = run_steps(tiny_llama_dir, ["rotate", gptq, bis], scheme, checkpoint_dtype="float32")
     pairs = [
         (a, b)
@@ -125,13 +128,11 @@ def test_last_block_loss_is_the_kl_of_the_model_outputs(tiny_llama_dir):
     """``head_loss``: the last block is scored by the KL divergence of the next-token distribution;
     with nothing learned before it, its starting loss is the KL between the full-precision model
     and the quantized model on the calibration windows, as a plain forward of both computes it."""
-    from qtool.steps.intactkv import fp_reference
-
     scheme = {"preset": "W4A4", "weights": {"bits": 4, "group_size": None}}
     gptq = {"gptq": {"act_order": True, "mse_clip": True}}
     calib = torch.randint(0, 2000, (4, 64), generator=torch.Generator().manual_seed(2))
     ref = run_steps(tiny_llama_dir, ["rotate", gptq], scheme, calib=calib, checkpoint_dtype="float32")
-    fp = fp_reference(ref)
+    fp = ref.fp_reference()
     with torch.no_grad():
         lp_fp = torch.log_softmax(fp(calib).logits.float(), -1)
         lp_q = torch.log_softmax(ref.model(calib).logits.float(), -1)
@@ -149,8 +150,6 @@ def test_model_level_acceptance_never_raises_the_held_out_kl(tiny_llama_dir):
     """``accept: model``: a block's training is kept only if the whole model's next-token KL on the
     held-out windows goes down; the reported end KL is what a plain forward of the final model
     gives on those windows, and rejected blocks keep GPTQ's codes."""
-    from qtool.steps.intactkv import fp_reference
-
     scheme = {"preset": "W4A4", "weights": {"bits": 4, "group_size": None}}
     gptq = {"gptq": {"act_order": True, "mse_clip": True}}
     calib = torch.randint(0, 2000, (4, 64), generator=torch.Generator().manual_seed(3))
@@ -161,7 +160,7 @@ def test_model_level_acceptance_never_raises_the_held_out_kl(tiny_llama_dir):
     kl = res["model_kl"]
     assert kl["end"] <= kl["start"]
     held = calib[2:]  # batch_size 1: the last half of the windows are held out
-    fp = fp_reference(ref)
+    fp = ref.fp_reference()
     with torch.no_grad():
         lp = torch.log_softmax(fp(held).logits.float(), -1)
         for model, want in ((ref.model, kl["start"]), (got.model, kl["end"])):
@@ -183,3 +182,31 @@ def test_model_level_acceptance_never_raises_the_held_out_kl(tiny_llama_dir):
                 assert torch.equal(a.qweight.codes, g.qweight.codes)
         else:
             assert b["model_kl_after"] < b["model_kl_before"]
+
+
+def test_fp_start_puts_the_full_precision_weight_under_gptqs_grid():
+    """``start: fp``: the trained weight is the full-precision one; GPTQ's rounding decisions are a
+    fixed offset, so at step 0 it quantizes to GPTQ's exact codes (not to plain rounding of W),
+    gradients reach the smoothing through W, and folding untrained gives GPTQ's codes back."""
+    from qtool.algorithms.bisup import BisupLinear, Smooth
+    from qtool.algorithms.gptq import gptq_quantize
+    from qtool.models.qlinear import QLinear
+    from qtool.quant.quantizer import QSpec, QuantizedWeight, fake_quant_ste, quantize
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g)
+    X = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 3.0, 64)
+    spec = QSpec(4, False, "group", 32)
+    res = gptq_quantize(W, 2 * X.T @ X / 256, spec)
+    assert not torch.equal(res.codes, quantize(W, res.scale, res.zero, spec))  # GPTQ moved codes
+    lin = QLinear(W.clone())
+    lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
+    s = Smooth(64, "cpu")
+    wr = BisupLinear(lin, spec, 0, s_in=s, w_fp=W)
+    assert torch.equal(wr.W0, W)
+    wq = fake_quant_ste(wr.effective_weight(), spec, clip=wr.clip(), offset=wr.offset)
+    torch.testing.assert_close(wq, lin.qweight.dequantize(), rtol=1e-6, atol=1e-6)
+    (wr(X) ** 2).mean().backward()
+    assert float(s.s.grad.abs().sum()) > 0
+    wr.fold(torch.float32)
+    assert torch.equal(lin.qweight.codes, res.codes)

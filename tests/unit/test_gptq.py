@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qtool.algorithms.gptq import HessianAccumulator, HessianError, gptq_quantize, rtn_quantize
+from qtool.errors import QtoolError
 from qtool.quant.quantizer import QSpec, dequantize
 
 M, D, N = 48, 128, 1024
@@ -104,9 +105,9 @@ def test_ragged_groups(layer):
 def test_width_not_divisible_raises(layer):
     W, _, H = layer
     spec = QSpec(4, True, "group", 32)
-    with pytest.raises(ValueError, match="ragged"):
+    with pytest.raises(QtoolError, match="ragged"):
         gptq_quantize(W[:, :80], H[:80, :80], spec)
-    with pytest.raises(ValueError, match="ragged"):
+    with pytest.raises(QtoolError, match="ragged"):
         rtn_quantize(W[:, :80], spec)
 
 

@@ -99,8 +99,8 @@ def test_pivot_prefix_cache_reproduces_fp_logits_in_rotated_basis(tiny_llama_dir
 def test_prefix_cache_extends_a_pivot(kv4_ctx):
     ctx = kv4_ctx
     ids = [ctx.tokenizer.bos_token_id, 100, 200, 300]
-    whole = compute_prefix_cache(ctx.fp_model(), ids)
-    ext = compute_prefix_cache(ctx.fp_model(), ids, base=ctx.model.qtool_pivot)
+    whole = compute_prefix_cache(ctx.fp_reference(), ids)
+    ext = compute_prefix_cache(ctx.fp_reference(), ids, base=ctx.model.qtool_pivot)
     for a, b in zip(whole.keys + whole.values, ext.keys + ext.values, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -263,3 +263,31 @@ def test_export_reload_keeps_pivot_and_smoothing(tiny_llama_dir, windows, tmp_pa
         for x in (want, got)
     ]
     assert math.isclose(float(nll[0]), float(nll[1]), rel_tol=1e-4)
+
+
+def test_learned_smoothing_is_never_worse_than_its_start_on_held_out_batches(tiny_llama_dir):
+    """``learn.holdout``: a learning rate that wrecks the smoothing is caught on the held-out
+    batches; each block keeps the epoch with the lowest held-out loss, and a block where learning
+    never helped keeps exactly the statistics start."""
+    lo = {"samples": 8, "seq_len": 32, "batch_size": 2, "epochs": 2, "lr_smooth": 5.0, "holdout": 0.5}
+    calib = {"samples": 8, "seq_len": 32}  # the statistics-only run sees the same windows
+    learned = run_recipe(
+        recipe(tiny_llama_dir, KV4, [{"kv_smooth": {"alpha": 0.5, "learn": lo}}], calibration=calib),
+        export=False,
+    )
+    stats = run_recipe(
+        recipe(tiny_llama_dir, KV4, [{"kv_smooth": {"alpha": 0.5}}], calibration=calib), export=False
+    )
+    report = learned.results["kv_smooth"]["learn_losses"]
+    assert report
+    for rep in report.values():
+        held = rep["holdout"]
+        assert len(held) == 3 and len(rep["train"]) == 2  # start + 2 epochs; 2 of 4 batches held out
+        assert held[rep["epoch_kept"]] == min(held)
+    reverted = [k for k, rep in report.items() if rep["epoch_kept"] == 0]
+    assert reverted == list(report), report  # lr 5 on the log-scales never helps
+    for key in reverted:  # every block kept its start, so each saw the statistics run's inputs
+        i = int(key.split(".")[1])
+        a, b = learned.runtime["kv_smooth"]["layers"][i], stats.runtime["kv_smooth"]["layers"][i]
+        for name in ("k_scale", "v_scale", "k_shift", "v_shift"):
+            torch.testing.assert_close(torch.tensor(a[name]), torch.tensor(b[name]), rtol=1e-6, atol=1e-7)

@@ -23,13 +23,14 @@ def run_steps(model_dir, steps, scheme, out=None, calib=None, **recipe):
     )
     model, tok = load_hf_model(str(model_dir), device="cpu")
     prepare_model(model, recipe.scheme)
-    ctx = Context(recipe=recipe, model=model, tokenizer=tok, device=torch.device("cpu"))
+    ctx = Context(
+        recipe=recipe, model=model, tokenizer=tok, device=torch.device("cpu"), output=out, overwrite=True
+    )
     ctx._calibration = (
         calib
         if calib is not None
         else torch.randint(0, 2000, (8, 64), generator=torch.Generator().manual_seed(0))
     )
-    ctx.results["_output"], ctx.results["_overwrite"] = out, True
     for step in recipe.steps:
         step.apply(ctx)
     return ctx
@@ -75,7 +76,7 @@ def test_correction_improves_on_plain_gptq(tiny_llama_dir, eval_ids, fp_logits):
 
 def test_export_reload_reproduces_corrected_model(tiny_llama_dir, tmp_path, eval_ids):
     from qtool.export.loader import load_checkpoint
-    from qtool.export.lora import ADAPTER_FILE, CONFIG_FILE
+    from qtool.models.lora import ADAPTER_FILE, CONFIG_FILE
 
     out = tmp_path / "ckpt"
     steps = ["rotate", {"lowrank": {"rank": 5, "targets": ["q_proj", "o_proj", "down_proj"]}}, "export"]

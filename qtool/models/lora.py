@@ -11,8 +11,8 @@ The adapter acts on the *unquantized* input of the linear, as PEFT's LoRA does (
 input before the base layer quantizes it). On a rotated model, however, it reads the input
 *after* qtool's online transform for ``o_proj`` (head mixing) and ``down_proj`` (Hadamard): an
 external PEFT runtime reproduces the correction only for linears without an online transform
-(q/k/v, gate/up) or when it applies the same transform. qtool's own loader
-(:func:`load_lora`, registered as a runtime loader) restores it exactly.
+(q/k/v, gate/up) or when it applies the same transform. qtool's own loader restores it exactly
+(the ``lowrank`` run-time feature in :mod:`qtool.models.features`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qtool.export.loader import register_runtime_loader
+from qtool.errors import QtoolError
+from qtool.models.prepare import iter_qlinears
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -31,8 +32,6 @@ PREFIX = "base_model.model."
 
 
 def _corrected(model) -> dict[str, object]:
-    from qtool.models.prepare import iter_qlinears
-
     names = {id(m): n for n, m in model.named_modules()}
     return {names[id(lin)]: lin for _, _, lin in iter_qlinears(model) if lin.lora_U is not None}
 
@@ -67,22 +66,16 @@ def lora_config(model, base: str) -> dict:
     }
 
 
-def register_lora_sidecar(ctx) -> None:
-    """Have ``export`` write the adapter files next to the checkpoint."""
-    sidecars = ctx.runtime.setdefault("sidecars", {})
-    sidecars[ADAPTER_FILE] = lambda path: save_file(
-        lora_tensors(ctx.model, ctx.scale_dtype), str(path), metadata={"format": "pt"}
-    )
-    sidecars[CONFIG_FILE] = lambda path: Path(path).write_text(
-        json.dumps(lora_config(ctx.model, ctx.recipe.model), indent=2)
-    )
+def save_lora(model, folder: str | Path, dtype: torch.dtype, base: str) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``."""
+    folder = Path(folder)
+    save_file(lora_tensors(model, dtype), str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(lora_config(model, base), indent=2))
 
 
-@register_runtime_loader(ADAPTER_FILE)
-def load_lora(model, meta: dict, path: str | Path) -> None:
-    """Install the adapter's factors as each linear's ``U``, ``V`` (on its device and dtype)."""
-    from qtool.errors import QtoolError
-
+def load_lora(model, path: str | Path) -> None:
+    """Install the adapter's factors in folder ``path`` as each linear's ``U``, ``V`` (on its device
+    and dtype)."""
     tensors = load_file(str(Path(path) / ADAPTER_FILE))
     corrected = 0
     for name, module in model.named_modules():

@@ -1,0 +1,132 @@
+"""Safetensors shards of a Hugging Face folder: read one tensor at a time, write shard by shard.
+
+:class:`ShardReader` opens a model folder's ``model.safetensors`` or the shards listed in
+``model.safetensors.index.json`` and reads single tensors (``safe_open``: only the bytes of that
+tensor are read). A folder holding only pickle weights (``*.bin``, ``*.pt``) is refused: qtool never
+loads a pickle.
+
+:func:`shard_plan` and :func:`write_shards` write a checkpoint as shards that follow the source's
+layout: each output tensor goes into the shard of the source tensor it came from (a quantized
+linear's packed codes and scales into the shard of its ``weight``), so the output is sharded like
+the input. Shards are written one at a time from a ``fetch(key)`` function: the in-memory export
+fetches from its state dict, the streaming export from the per-layer files it saved, and both
+write byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qtool.errors import QtoolError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_safetensors_folder(folder: str | Path) -> None:
+    """Refuse a folder whose weights exist only as pickle files (never loaded)."""
+    folder = Path(folder)
+    if (folder / INDEX).is_file() or (folder / SINGLE).is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise QtoolError(
+            f"{folder} holds its weights only as pickle files ({', '.join(pickles[:3])}); qtool never loads "
+            "a pickle: convert them to safetensors first (e.g. load once in a trusted environment and "
+            "save_pretrained(..., safe_serialization=True))"
+        )
+    raise QtoolError(f"{folder} holds no {SINGLE} and no {INDEX}")
+
+
+class ShardReader:
+    """Tensor-by-tensor access to a folder's safetensors weights."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        check_safetensors_folder(self.folder)
+        if (self.folder / INDEX).is_file():
+            index = json.loads((self.folder / INDEX).read_text())
+            self.weight_map: dict[str, str] = dict(index["weight_map"])
+        else:
+            with safe_open(str(self.folder / SINGLE), "pt") as fh:
+                self.weight_map = {k: SINGLE for k in fh.keys()}
+        missing = sorted({f for f in self.weight_map.values() if not (self.folder / f).is_file()})
+        if missing:
+            raise QtoolError(f"{self.folder}: shard file(s) {missing} listed in {INDEX} are missing")
+        self._handles: dict[str, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shard_of(self, key: str) -> str:
+        return self.weight_map[key]
+
+    def shard_files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self.weight_map:
+            raise QtoolError(f"{self.folder}: the checkpoint has no tensor {key!r}")
+        name = self.weight_map[key]
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.folder / name), "pt")
+        return self._handles[name].get_tensor(key)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor whose name starts with ``prefix`` (e.g. ``model.layers.3.``)."""
+        return {k: self.tensor(k) for k in self.weight_map if k.startswith(prefix)}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def source_key(key: str) -> str:
+    """The source tensor an exported tensor comes from (packed codes and scales -> ``weight``)."""
+    owner, leaf = key.rsplit(".", 1)
+    if leaf in (
+        "weight_packed",
+        "weight_scale",
+        "weight_zero_point",
+        "weight_shape",
+        "qweight",
+        "scales",
+        "qzeros",
+        "g_idx",
+    ):
+        return f"{owner}.weight"
+    return key
+
+
+def shard_plan(keys: Iterable[str], source: ShardReader | None) -> dict[str, str]:
+    """Each exported key in the shard of its source tensor; one file when the source is one file
+    (or unknown). Keys without a source tensor (new run-time buffers) go into the last shard."""
+    keys = list(keys)
+    if source is None or len(source.shard_files()) == 1:
+        return {k: SINGLE for k in keys}
+    files = source.shard_files()
+    return {k: source.weight_map.get(source_key(k), files[-1]) for k in keys}
+
+
+def write_shards(folder: str | Path, plan: dict[str, str], fetch: Callable[[str], torch.Tensor]) -> list[str]:
+    """Write every shard of ``plan`` (``fetch(key)`` gives a tensor), one shard in memory at a time;
+    the index when there is more than one. The bytes depend only on the plan and the tensors."""
+    folder = Path(folder)
+    files = sorted(set(plan.values()))
+    for name in files:
+        tensors = {k: fetch(k) for k in sorted(plan) if plan[k] == name}
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        del tensors
+    if files != [SINGLE]:
+        index = {
+            "metadata": {"total_size": sum((folder / f).stat().st_size for f in files)},
+            "weight_map": dict(sorted(plan.items())),
+        }
+        (folder / INDEX).write_text(json.dumps(index, indent=2))
+    return files
