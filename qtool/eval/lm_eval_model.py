@@ -25,6 +25,18 @@ from qtool.eval.perplexity import max_positions
 from qtool.log import track
 
 
+def _progress(items: list, description: str, disable: bool = False, chunks: int = 20):
+    """Iterate ``items`` with qtool's progress in at most ``chunks`` steps (a CI log gets a line per
+    step, not one per request: a task sends thousands)."""
+    if disable or not items:
+        yield from items
+        return
+    size = -(-len(items) // chunks)
+    parts = [items[i : i + size] for i in range(0, len(items), size)]
+    for part in track(parts, f"{description} ({len(items)})"):
+        yield from part
+
+
 class QtoolLM(TemplateLM):
     """lm-eval ``LM`` over a qtool model and its tokenizer: ``loglikelihood`` and ``loglikelihood_rolling``."""
 
@@ -101,8 +113,7 @@ class QtoolLM(TemplateLM):
         self, requests, disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
         out = []
-        items = requests if disable_tqdm else track(requests, "lm-eval loglikelihood requests")
-        for key, context_enc, continuation_enc in items:
+        for key, context_enc, continuation_enc in _progress(requests, "lm-eval requests", disable_tqdm):
             if not context_enc or not continuation_enc:
                 raise ValueError("lm-eval sent an empty context or continuation")
             # as HFLM: truncate from the left to max_length + 1 tokens, drop the last one
@@ -117,8 +128,7 @@ class QtoolLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
-        strings = [r.args[0] for r in requests]
-        for string in strings if disable_tqdm else track(strings, "lm-eval rolling log-likelihoods"):
+        for string in _progress([r.args[0] for r in requests], "lm-eval rolling requests", disable_tqdm):
             windows = [
                 lm_utils.make_disjoint_window(w)
                 for w in lm_utils.get_rolling_token_windows(

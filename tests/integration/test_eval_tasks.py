@@ -215,7 +215,8 @@ def test_num_fewshot_is_passed_and_recorded(tiny_llama_dir, spec):
     model, tok, _ = api.load(str(tiny_llama_dir), device="cpu")
     out = run_tasks(model, tok, spec, num_fewshot=2, limit=4, log_samples=True)
     assert out["tasks"][TASK]["num_fewshot"] == 2
-    prompt = out["samples"][TASK][0]["arguments"]["gen_args_0"]["arg_0"]
+    first = out["samples"][TASK][0]["arguments"][0]  # (context, continuation) of the first choice
+    prompt = first[0] if isinstance(first, (list, tuple)) else first["arg_0"]
     assert prompt.count("Question:") == 3  # two examples, then the question
 
 
@@ -273,3 +274,23 @@ def test_missing_lm_eval_and_bad_include_path(monkeypatch, tmp_path):
     with pytest.raises(QtoolError, match="empty task name"):
         tasks.parse_task_list("a,,b")
     assert tasks.parse_task_list(["a,b", "a", " c "]) == ["a", "b", "c"]
+
+
+def test_loglikelihood_rolling_matches_hflm(w4a4, text_file):
+    """Rolling log-likelihood (perplexity tasks) over several windows equals lm-eval's HFLM on the
+    same fake-quant model."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from qtool.data.datasets import load_rows
+    from qtool.eval.lm_eval_model import QtoolLM
+
+    model, tok, _ = api.load(str(w4a4), device="cpu")
+    texts = [r for r in load_rows(text_file, "test") if len(r) > 200][:2]
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    ours = QtoolLM(model, tok, max_length=32)
+    ref = HFLM(pretrained=model, tokenizer=tok, batch_size=1, max_length=32)
+    got, want = ours.loglikelihood_rolling(reqs), ref.loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert len(tok(texts[0]).input_ids) > 64  # several windows each
+    assert got == pytest.approx(want, rel=1e-5)
+    assert ours.calls >= 4
