@@ -33,11 +33,19 @@ def versions() -> dict[str, str]:
 
 
 def run_recipe(
-    recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, export: bool = True
+    recipe: Recipe,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    export: bool = True,
+    stream: bool = False,
+    stop_after: int | None = None,
 ):
     """Run every step of ``recipe``; export to ``output`` (or the recipe's) when ``export``.
 
-    Returns the step :class:`~qtool.steps.base.Context` (model, tokenizer, results).
+    ``stream``: run layer by layer over the model's shards, exporting as it goes, resuming an
+    interrupted run of the same command (:mod:`qtool.steps.streaming`); ``stop_after`` is its
+    test hook (stop after that decoder layer, as a crash would). Returns the step
+    :class:`~qtool.steps.base.Context` (model, tokenizer, results).
     """
     from qtool.export.writer import check_output
     from qtool.models.prepare import prepare_model
@@ -56,6 +64,12 @@ def run_recipe(
             steps.append(parse_step("export", len(steps)))
     else:
         steps = [s for s in steps if step_name(s) != "export"]
+    if stream:
+        if not export:
+            raise QtoolError("--stream writes the checkpoint as it goes: it needs an output folder")
+        from qtool.steps.streaming import run_streaming
+
+        return run_streaming(recipe, steps, out, overwrite, stop_after=stop_after)
     device = resolve_device(recipe.device)
     model, tok = load_hf_model(recipe.model, recipe.dtype, str(device))
     prepare_model(model, recipe.scheme)
@@ -77,10 +91,10 @@ def run_recipe(
     return ctx
 
 
-def quantize(recipe: str | Path | Recipe, output=None, overwrite: bool = False):
+def quantize(recipe: str | Path | Recipe, output=None, overwrite: bool = False, stream: bool = False):
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return run_recipe(recipe, output, overwrite, export=True)
+    return run_recipe(recipe, output, overwrite, export=True, stream=stream)
 
 
 def use_kernels(kernels: str, model) -> bool:

@@ -77,6 +77,12 @@ def quantize(
     json_out: Path | None = typer.Option(
         None, "--json", help="write step results (errors, times, sizes) as JSON"
     ),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="read one decoder layer at a time from the model's safetensors shards and export as it goes "
+        "(models larger than host memory); re-running an interrupted --stream command resumes it",
+    ),
 ) -> None:
     """Run a recipe and export the quantized checkpoint."""
     from qtool import api
@@ -86,7 +92,7 @@ def quantize(
         r = load_recipe(recipe)
         if device:
             r.device = device
-        ctx = api.quantize(r, output, overwrite)
+        ctx = api.quantize(r, output, overwrite, stream=stream)
     except QtoolError as exc:
         _fail(exc)
     res = {k: v for k, v in ctx.results.items() if not k.startswith("_")}

@@ -14,11 +14,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from qtool.errors import QtoolError
 from qtool.models.loading import DTYPES, resolve_device
 from qtool.models.qlinear import QuantizedWeight
+from qtool.models.shards import ShardReader
 from qtool.quant.packing import unpack_gptq, unpack_int4, unpack_int4_dim0
 
 logger = logging.getLogger("qtool")
@@ -78,7 +78,8 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "aut
     if ADAPTER_FILE in meta.get("sidecars", []):  # checkpoints of qtool <= 0.1.0 list it only there
         runtime.setdefault("lowrank", {})
     rebuild_features(model, runtime)
-    tensors = load_file(str(path / "model.safetensors"))
+    reader = ShardReader(path)
+    tensors = {k: reader.tensor(k) for k in reader.keys()}
     fmt = meta["format"]
     wspec = scheme.weights.spec() if scheme.weights else None
     quantized = set(meta.get("quantized_modules", []))

@@ -1,0 +1,262 @@
+"""Run a recipe layer by layer over a model streamed from its shards, exporting as it goes.
+
+``qtool quantize RECIPE --stream``: the model is built on the meta device and only its embeddings,
+final norm and ``lm_head`` are loaded (:mod:`qtool.models.streaming`). Then, decoder layer by decoder
+layer, the layer is read from the shards, every step does its part on it (``stream_layer``, in
+recipe order: rotate, then rtn or gptq), the calibration stream advances through it, its exported
+tensors are saved, and its memory is given back. The checkpoint is written shard by shard at the
+end, sharded like the input, byte-identical to the in-memory path's export.
+
+Peak host memory: one decoder layer in the math dtype, the calibration activations, embeddings and
+``lm_head``, and one output shard while it is written.
+
+Resume: everything lives in ``.<output>.partial`` beside the output until the final rename. After
+each layer the driver saves that layer's exported tensors, the calibration activations entering the
+next layer, the step records and the RNG state (``.qtool-state/``). Re-running the same command
+continues after the last finished layer; a changed recipe, model or calibration is refused with a
+message naming what changed. An interrupted run never leaves a half-written checkpoint at the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qtool.errors import QtoolError
+from qtool.export.writer import (
+    check_format,
+    check_output,
+    checkpoint_size,
+    checkpoint_tensors,
+    replace_folder,
+    write_metadata,
+)
+from qtool.log import track
+from qtool.models.adapters import get_adapter
+from qtool.models.loading import resolve_device, resolve_model_path
+from qtool.models.prepare import prepare_model
+from qtool.models.shards import ShardReader, shard_plan, write_shards
+from qtool.models.streaming import layers_prefix, load_skeleton, materialize_layer, release_layer
+from qtool.steps.base import Context
+from qtool.steps.layerwise import LayerwiseRunner
+from qtool.steps.registry import step_name
+
+logger = logging.getLogger("qtool")
+STATE = ".qtool-state"
+
+
+class StreamInterrupted(RuntimeError):
+    """Raised by the test hook ``stop_after`` once a layer's state is saved (a simulated crash)."""
+
+
+def check_streamable(steps: list) -> None:
+    """Refuse, before any work, a recipe with a step that cannot run layer by layer."""
+    bad = [step_name(s) for s in steps if not type(s).streams and step_name(s) != "export"]
+    if bad:
+        raise QtoolError(
+            f"step(s) {', '.join(bad)} cannot run on a streamed model yet (they need the whole model "
+            "or a second full-precision model); run without --stream (the model is then loaded into "
+            "host memory whole), or use rotate / rtn / gptq"
+        )
+    runners = [step_name(s) for s in steps if type(s).needs_runner]
+    if len(runners) > 1:
+        raise QtoolError(
+            f"--stream runs at most one calibrated step, got {', '.join(runners)}; run without --stream"
+        )
+
+
+def partial_folder(output: Path) -> Path:
+    return output.parent / f".{output.name}.partial"
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprint(recipe, model_path: Path, reader: ShardReader, calibration: torch.Tensor | None) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one, each part hashed on its own."""
+    files = sorted(set(reader.weight_map.values()))
+    model = json.dumps(
+        {
+            "config": (model_path / "config.json").read_text(),
+            "shards": [(f, (model_path / f).stat().st_size) for f in files],
+        }
+    ).encode()
+    return {
+        "recipe": _digest(recipe.to_yaml().encode()),
+        "model": _digest(model),
+        "calibration": "none" if calibration is None else _digest(calibration.cpu().numpy().tobytes()),
+        "qtool": __import__("qtool").__version__,
+    }
+
+
+class StreamState:
+    """The resumable state of a streamed run, inside the partial output folder."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.dir = tmp / STATE
+
+    def load(self) -> dict[str, Any] | None:
+        f = self.dir / "state.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def layer_file(self, i: int) -> Path:
+        return self.dir / f"layer-{i:05d}.safetensors"
+
+    def save_layer(self, i: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], inputs) -> None:
+        """Save layer ``i``'s exported tensors, the next layer's inputs and the run state, each
+        through a temporary name, so a crash at any point leaves the previous layer's state whole."""
+        save_file(tensors, str(self.layer_file(i)), metadata={"format": "pt"})
+        if inputs is not None:
+            stacked = {f"batch.{k:05d}": x.contiguous() for k, x in enumerate(inputs)}
+            save_file(stacked, str(self.dir / "inputs.tmp"))
+            (self.dir / "inputs.tmp").replace(self.dir / "inputs.safetensors")
+        (self.dir / "state.tmp").write_text(json.dumps(state))
+        (self.dir / "state.tmp").replace(self.dir / "state.json")
+
+    def inputs(self) -> list[torch.Tensor]:
+        with safe_open(str(self.dir / "inputs.safetensors"), "pt") as fh:
+            return [fh.get_tensor(k) for k in sorted(fh.keys())]
+
+
+def run_streaming(
+    recipe, steps: list, output: str | Path, overwrite: bool = False, stop_after: int | None = None
+):
+    """Run ``steps`` (the recipe's, ending with ``export``) layer by layer; returns the Context."""
+    check_streamable(steps)
+    export = steps[-1]
+    others = steps[:-1]
+    path = Path(resolve_model_path(recipe.model))
+    if not path.is_dir():
+        raise QtoolError(
+            f"--stream reads the model's safetensors shards from a local folder; {recipe.model!r} is not one "
+            "(download it first, e.g. `huggingface-cli download ID --local-dir DIR`, and point `model:` at DIR)"
+        )
+    reader = ShardReader(path)  # refuses pickle-only folders before anything is loaded
+    output = check_output(output, overwrite)
+    torch.manual_seed(recipe.seed)
+    device = resolve_device(recipe.device)
+    model, tok = load_skeleton(path, reader, recipe.dtype)
+    prepare_model(model, recipe.scheme)
+    ctx = Context(
+        recipe=recipe, model=model, tokenizer=tok, device=device, output=output, overwrite=overwrite
+    )
+    check_format(ctx, export.format)
+    tmp = partial_folder(output)
+    state = StreamState(tmp)
+    calibrated = any(type(s).needs_runner for s in others)
+    fp = fingerprint(recipe, path, reader, ctx.calibration() if calibrated else None)
+    saved = state.load()
+    if saved is not None and saved["fingerprint"] != fp:
+        changed = [k for k in fp if saved["fingerprint"].get(k) != fp[k]]
+        raise QtoolError(
+            f"{tmp} holds an interrupted run of a different {' and '.join(changed)}; "
+            f"re-run with the same recipe, model and calibration to resume, or delete {tmp} to start over"
+        )
+    if saved is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        state.dir.mkdir(parents=True)
+    start_layer = saved["next_layer"] if saved else 0
+    if saved:
+        logger.info("resuming %s at decoder layer %d (state in %s)", output, start_layer, tmp)
+        torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
+
+    t0 = time.perf_counter()
+    for step in others:
+        logger.info("step %s (streamed)", step_name(step))
+        try:
+            step.stream_start(ctx)
+        except QtoolError as exc:
+            raise QtoolError(f"step `{step_name(step)}`: {exc}") from None
+    runner = None
+    if calibrated:
+        batch = next(s.batch_size for s in others if type(s).needs_runner)
+        runner = LayerwiseRunner(ctx, batch, offload=True)
+        if saved:
+            runner.inputs = state.inputs()
+    if saved:
+        for name, rec in saved["step_state"].items():
+            ctx.state[name].update(rec)
+    prefix = layers_prefix(model)
+    n_layers = len(get_adapter(model.config).layers(model))
+    quantized: list[str] = list(saved["quantized"]) if saved else []
+    keys: list[str] = list(saved["keys"]) if saved else []
+    summary = next((s for s in others if hasattr(s, "layer_summary")), None)
+
+    for i in track(
+        range(start_layer, n_layers),
+        "layers (streamed)",
+        detail=(lambda: summary.layer_summary(ctx)) if summary else None,
+    ):
+        layer = materialize_layer(model, i, reader, recipe.dtype).to(device)
+        for step in others:
+            step.stream_layer(ctx, runner, i, layer)
+        if runner is not None:
+            runner.advance(layer)
+        mine = f"{prefix}{i}."
+        tensors = checkpoint_tensors(
+            model, export.format, ctx.scale_dtype, select=lambda k, m=mine: k.startswith(m)
+        )
+        quantized += sorted(
+            n for n, m in layer.named_modules(prefix=mine[:-1]) if getattr(m, "qweight", None) is not None
+        )
+        keys += list(tensors)
+        step_state = {
+            name: {k: v for k, v in st.items() if k != "start"}
+            for name, st in ctx.state.items()
+            if isinstance(st, dict) and "errors" in st
+        }
+        state.save_layer(
+            i,
+            tensors,
+            {
+                "fingerprint": fp,
+                "next_layer": i + 1,
+                "quantized": quantized,
+                "keys": keys,
+                "step_state": step_state,
+                "rng": torch.get_rng_state().tolist(),
+            },
+            runner.inputs if runner is not None else None,
+        )
+        del tensors
+        release_layer(model, i)
+        if stop_after is not None and i == stop_after:
+            raise StreamInterrupted(f"stopped after layer {i} (test hook)")
+
+    for step in others:
+        step.stream_end(ctx)
+        ctx.record(step_name(step), {"streamed": True})
+    glob_tensors = checkpoint_tensors(
+        model, export.format, ctx.scale_dtype, select=lambda k: not k.startswith(prefix)
+    )
+    plan = shard_plan(keys + list(glob_tensors), reader)
+    owner = {k: state.layer_file(int(k[len(prefix) :].split(".", 1)[0])) for k in keys}
+
+    def fetch(key: str) -> torch.Tensor:
+        if key in glob_tensors:
+            return glob_tensors[key]
+        with safe_open(str(owner[key]), "pt") as fh:
+            return fh.get_tensor(key)
+
+    for f in tmp.glob("*.safetensors"):  # shards of an earlier attempt at this last stage
+        f.unlink()
+    write_shards(tmp, plan, fetch)
+    write_metadata(ctx, tmp, export.format, sorted(quantized))
+    shutil.rmtree(state.dir)
+    replace_folder(tmp, output)
+    size = checkpoint_size(output)
+    ctx.record("export", {"path": str(output), "format": export.format, **size})
+    ctx.results["quantize_seconds"] = time.perf_counter() - t0
+    logger.info("export: wrote %s (%.1f MB), streamed layer by layer", output, size["bytes"] / 1e6)
+    return ctx
