@@ -33,7 +33,8 @@ constraints: setup
 
 demo: setup
 	$(VENV)/bin/qtool quantize recipes/smollm2-w4a16-rtn.yaml --output out/smollm2-w4a16 --overwrite
-	$(VENV)/bin/qtool eval --ppl wikitext2 out/smollm2-w4a16 --limit 4 --json out/smollm2-w4a16/ppl.json
+	# the FP baseline and the quantized checkpoint side by side, on the same windows
+	$(VENV)/bin/qtool eval smollm2-135m out/smollm2-w4a16 --ppl wikitext2 --limit 4 --json out/smollm2-w4a16/ppl.json
 
 test: setup
 	$(PY) -m pytest -q -x --durations=15

@@ -211,7 +211,15 @@ def inspect_target(target: str) -> dict[str, Any]:
         raise QtoolError(
             f"could not load model {target!r}: {exc}. Offline? Use a local folder or the embedded smollm2-135m"
         ) from None
-    return {"target": str(target), "kind": kind, "config": config, "tokenizer": tokenizer}
+    folder = Path(source) if kind != "recipe" else None
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder and folder.is_dir() else None
+    return {
+        "target": str(target),
+        "kind": kind,
+        "config": config,
+        "tokenizer": tokenizer,
+        "weights_bytes": size,
+    }
 
 
 def _tokenizer_key(tok) -> str:
@@ -305,6 +313,7 @@ def evaluate(
         t0 = time.perf_counter()
         model, tok, loaded = load(target, dtype, device, kernels)
         row: dict[str, Any] = {"model": target, "loaded": loaded, "load_seconds": time.perf_counter() - t0}
+        row["weights_bytes"] = info["weights_bytes"]  # the folder's safetensors files (None in memory)
         if windows is not None:
             res = perplexity_of_windows(model, windows, total, ppl, pre, prefix, batch_size)
             row["ppl"] = res.ppl

@@ -204,6 +204,7 @@ def eval_cmd(
             table.add_column(col, justify="right")
     for name in task_names:
         table.add_column(f"{name} acc", justify="right")
+    table.add_column("weights MB", justify="right")
     table.add_column("eval s", justify="right")
     for row, label in zip(rows, _short_labels([r["model"] for r in rows]), strict=True):
         cells = [label]
@@ -219,6 +220,8 @@ def eval_cmd(
             t = row["tasks"].get(name, {})
             acc, err = t.get("metrics", {}).get("acc"), t.get("stderr", {}).get("acc")
             cells.append("-" if acc is None else f"{acc:.4f}" + ("" if err is None else f" ± {err:.4f}"))
+        size = row.get("weights_bytes")
+        cells.append("-" if size is None else f"{size / 1e6:.1f}")
         cells.append(f"{row.get('eval_seconds', 0) + row.get('tasks_seconds', 0):.1f}")
         table.add_row(*cells)
     console.print(table)

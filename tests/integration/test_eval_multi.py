@@ -41,7 +41,7 @@ def checkpoints(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 def run(args: list[str]):
-    return CliRunner().invoke(app, ["eval", *args])
+    return CliRunner().invoke(app, ["eval", *args], env={"COLUMNS": "200"})  # the table unwrapped
 
 
 def ppl_args(text_file: str) -> list[str]:
@@ -66,6 +66,9 @@ def test_every_target_scores_the_same_windows(three_rows):
     assert len({r["protocol"]["total_windows"] for r in rows}) == 1
     assert [r["loaded"]["kind"] for r in rows] == ["unquantized", "checkpoint", "checkpoint"]
     assert all(len(r["nll_per_window"]) == WINDOWS for r in rows)
+    # the weights' size on disk: the 4-bit checkpoints are smaller than the bf16 model
+    sizes = [r["weights_bytes"] for r in rows]
+    assert all(s > 0 for s in sizes) and sizes[1] < sizes[0] and sizes[2] < sizes[0]
     # three different models really ran
     assert len({round(r["ppl"], 6) for r in rows}) == 3
 
