@@ -118,12 +118,12 @@ def load_hf_model(name: str, dtype: str = "float32", device: str = "auto"):
     try:
         from transformers import AutoConfig
 
+        config = AutoConfig.from_pretrained(path)
+        get_adapter(config)
         if Path(path).is_dir():
             from qtool.models.shards import check_safetensors_folder
 
             check_safetensors_folder(path)  # pickle weights are refused, never loaded
-        config = AutoConfig.from_pretrained(path)
-        get_adapter(config)
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], attn_implementation="sdpa", use_safetensors=True

@@ -82,7 +82,9 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def fingerprint(recipe, model_path: Path, reader: ShardReader, calibration: torch.Tensor | None) -> dict[str, str]:
+def fingerprint(
+    recipe, model_path: Path, reader: ShardReader, calibration: torch.Tensor | None
+) -> dict[str, str]:
     """What a resumed run must share with the interrupted one, each part hashed on its own."""
     files = sorted(set(reader.weight_map.values()))
     model = json.dumps(

@@ -91,7 +91,7 @@ def test_no_output_folder(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_interrupted_export_leaves_nothing_behind(tiny_llama_dir, tmp_path, monkeypatch, existing):
-    import qtool.export.writer as writer
+    import qtool.models.shards as shards
 
     out = tmp_path / "ckpt"
     if existing:
@@ -105,7 +105,7 @@ def test_interrupted_export_leaves_nothing_behind(tiny_llama_dir, tmp_path, monk
         Path(filename).write_bytes(b"partial")  # a half-written file, as a real crash would leave
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(writer, "save_file", failing_save)
+    monkeypatch.setattr(shards, "save_file", failing_save)  # the shard writer every export uses
     with pytest.raises(OSError, match="No space left on device"):
         api.quantize(recipe, out, overwrite=existing)
     assert calls, "the export reached save_file"

@@ -1,0 +1,148 @@
+"""Peak host memory and wall time of `qtool quantize`, streamed vs in memory, under /usr/bin/time -v.
+
+    python -m scripts.bench.make_random_checkpoint --shape llama-2-7b --out /tmp/llama2-7b-random
+    python -m scripts.bench.stream_memory --model /tmp/llama2-7b-random --rows rtn-stream,rtn-memory
+
+Each row runs one `qtool quantize` command in its own process under `/usr/bin/time -v` and reads
+its "Maximum resident set size" and wall time; a row that fails (e.g. the in-memory path running out
+of memory under `--mem-limit-gb`, an address-space limit set with `ulimit -v` so the failure is a
+clean allocation error instead of the kernel's OOM killer) is recorded with its exit status and the
+last line it printed. Results go to results/<out>.{json,md}. Recipes: W4A16 g128 RTN and W4A16
+g128 GPTQ with calibration 16 x 256 (enough to measure memory, not a quality setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from scripts.tables.common import REPO, RESULTS, command
+
+RECIPES = {
+    "rtn": "steps: [rtn]",
+    "gptq": "steps: [{gptq: {act_order: true, mse_clip: false, batch_size: 4}}]",
+}
+
+
+def recipe_text(model: str, kind: str) -> str:
+    return (
+        f"model: {model}\ndevice: cpu\ndtype: float32\n"
+        "calibration: {samples: 16, seq_len: 256}\n"
+        "scheme: {preset: W4A16, weights: {bits: 4, group_size: 128}}\n" + RECIPES[kind] + "\n"
+    )
+
+
+def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None) -> dict:
+    kind, mode = row.split("-")
+    recipe = workdir / f"{kind}.yaml"
+    recipe.write_text(recipe_text(model, kind))
+    out = workdir / f"out-{row}"
+    qtool = [str(REPO / ".venv/bin/qtool"), "quantize", str(recipe), "--output", str(out), "--overwrite"]
+    if mode == "stream":
+        qtool.append("--stream")
+    cmd = " ".join(shlex.quote(c) for c in ["/usr/bin/time", "-v", *qtool])
+    if mem_limit_gb:
+        cmd = f"ulimit -v {int(mem_limit_gb * 2**20)}; {cmd}"
+    env = {**os.environ, "QTOOL_NO_PROGRESS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = time.perf_counter()
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    err = proc.stderr
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+    lines = [ln for ln in (proc.stdout + err).splitlines() if ln.strip() and not ln.startswith("\t")]
+    res = {
+        "row": row,
+        "recipe": recipe_text(model, kind),
+        "stream": mode == "stream",
+        "exit_status": proc.returncode,
+        "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else None,
+        "wall_seconds": round(wall, 1),
+        "mem_limit_gb": mem_limit_gb,
+        "last_line": lines[-1][:300] if lines else "",
+    }
+    if proc.returncode == 0:
+        res["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        ev = subprocess.run(
+            [
+                str(REPO / ".venv/bin/qtool"),
+                "eval",
+                str(out),
+                "--ppl",
+                "wikitext2",
+                "--limit",
+                "1",
+                "--seq-len",
+                "256",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        res["load_check"] = "ok" if ev.returncode == 0 else f"failed: {ev.stderr.strip().splitlines()[-1:]}"
+        ppl = re.search(r"ppl[^0-9]*([0-9.]+)", ev.stdout)
+        res["load_check_ppl"] = float(ppl.group(1)) if ppl else None
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a local safetensors model folder")
+    p.add_argument("--rows", default="rtn-stream,rtn-memory", help="comma list of {rtn,gptq}-{stream,memory}")
+    p.add_argument("--mem-limit-gb", type=float, default=None, help="address-space limit of the memory rows")
+    p.add_argument("--out", default="stream_memory")
+    args = p.parse_args()
+    size = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    path = RESULTS / f"{args.out}.json"
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    rows = [r for r in old if r["row"] not in args.rows.split(",")]
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        for row in args.rows.split(","):
+            limit = args.mem_limit_gb if row.endswith("memory") else None
+            res = run_row(args.model, row, Path(tmp), limit)
+            print(json.dumps(res), flush=True)
+            rows.append(res)
+            data = {
+                "model": args.model,
+                "model_bytes": size,
+                "config": {
+                    k: config[k]
+                    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+                },
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+                "command": command(),
+                "rows": rows,
+            }
+            path.write_text(json.dumps(data, indent=2))
+    md = [
+        f"Model: random-initialized {config['num_hidden_layers']} x {config['hidden_size']} "
+        f"(intermediate {config['intermediate_size']}, vocab {config['vocab_size']}), {size / 1e9:.2f} GB bf16 "
+        f"safetensors; {data['machine']}; calibration 16 x 256 tokens. Command: `{command()}`",
+        "",
+        "| recipe | path | peak RSS | wall | exit | load check | note |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        kind = r["row"].split("-")[0].upper()
+        rss = f"{r['peak_rss_gb']:.2f} GB" if r["peak_rss_gb"] is not None else "-"
+        note = "" if r["exit_status"] == 0 else r["last_line"].replace("|", "/")
+        limit = f" (ulimit -v {r['mem_limit_gb']:g} GB)" if r.get("mem_limit_gb") else ""
+        md.append(
+            f"| W4A16 g128 {kind} | {'--stream' if r['stream'] else 'in memory'}{limit} | {rss} | "
+            f"{r['wall_seconds']:.0f} s | {r['exit_status']} | {r.get('load_check', '-')} | {note} |"
+        )
+    (RESULTS / f"{args.out}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
