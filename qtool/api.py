@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 import qtool
+from qtool import dist
 from qtool.errors import QtoolError
 from qtool.models.loading import is_qtool_checkpoint, load_hf_model, resolve_device
 from qtool.recipe import Recipe, load_recipe, step_name
@@ -64,13 +66,18 @@ def run_recipe(
             steps.append(parse_step("export", len(steps)))
     else:
         steps = [s for s in steps if step_name(s) != "export"]
+    device = dist.init(resolve_device(recipe.device))  # joins the process group under torchrun
+    planted = os.environ.get("QTOOL_TEST_FAIL_RANK")  # test hook: a failure on one rank
+    if planted is not None and int(planted) == dist.rank():
+        raise QtoolError(f"planted failure on rank {dist.rank()} (QTOOL_TEST_FAIL_RANK)")
     if stream:
+        if dist.world() > 1:
+            raise QtoolError("--stream runs in one process for now; run it without torchrun / --nproc")
         if not export:
             raise QtoolError("--stream writes the checkpoint as it goes: it needs an output folder")
         from qtool.steps.streaming import run_streaming
 
         return run_streaming(recipe, steps, out, overwrite, stop_after=stop_after)
-    device = resolve_device(recipe.device)
     model, tok = load_hf_model(recipe.model, recipe.dtype, str(device))
     prepare_model(model, recipe.scheme)
     ctx = Context(recipe=recipe, model=model, tokenizer=tok, device=device, output=out, overwrite=overwrite)
@@ -78,6 +85,12 @@ def run_recipe(
     for step in steps:
         t0 = time.perf_counter()
         logger.info("step %s", step_name(step))
+        if dist.world() > 1 and not type(step).data_parallel:
+            logger.info(
+                "step %s is not data-parallel yet: each of the %d ranks runs it on all calibration windows",
+                step_name(step),
+                dist.world(),
+            )
         try:
             step.apply(ctx)
         except QtoolError as exc:  # a step's check of the recipe/model: the message says what to change
@@ -85,6 +98,7 @@ def run_recipe(
         # any other exception is a bug: it propagates with its traceback
         ctx.record(step_name(step), {"seconds": round(time.perf_counter() - t0, 3)})
     ctx.results["quantize_seconds"] = time.perf_counter() - start
+    dist.barrier()  # every rank leaves together, after rank 0 wrote the checkpoint
     ctx.model.to(device)  # layer-wise steps may have left layers offloaded to the CPU
     if device.type == "cuda":
         ctx.results["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30

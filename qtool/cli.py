@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from qtool.errors import QtoolError
@@ -26,6 +27,9 @@ logger = logging.getLogger("qtool")
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
     setup_logging(verbose)
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 logs, the others only errors
+        logging.getLogger("qtool").setLevel(logging.WARNING)
+        os.environ["QTOOL_NO_PROGRESS"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from transformers.utils import logging as hf_logging
@@ -36,8 +40,21 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logg
         pass
 
 
+def _launch(nproc: int) -> None:
+    """Re-run this very command under torch.distributed.run with ``nproc`` processes; exit with
+    its status (torchrun ends every rank when one fails)."""
+    import subprocess
+    import sys
+
+    args = sys.argv[1:]
+    i = next(k for k, a in enumerate(args) if a == "--nproc" or a.startswith("--nproc="))
+    del args[i : i + (1 if "=" in args[i] else 2)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    raise typer.Exit(code=subprocess.call([*cmd, "-m", "qtool", *args]))
+
+
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")  # the message is text, not markup
     raise typer.Exit(code=1)
 
 
@@ -77,6 +94,13 @@ def quantize(
     json_out: Path | None = typer.Option(
         None, "--json", help="write step results (errors, times, sizes) as JSON"
     ),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        min=1,
+        help="data-parallel calibration over N processes on this machine (torchrun, gloo on CPU, nccl "
+        "on CUDA); the same as `torchrun --nproc-per-node N -m qtool quantize ...`",
+    ),
     stream: bool = typer.Option(
         False,
         "--stream",
@@ -88,6 +112,8 @@ def quantize(
     from qtool import api
     from qtool.recipe import load_recipe
 
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch(nproc)
     try:
         r = load_recipe(recipe)
         if device:
@@ -95,6 +121,10 @@ def quantize(
         ctx = api.quantize(r, output, overwrite, stream=stream)
     except QtoolError as exc:
         _fail(exc)
+    from qtool import dist
+
+    if not dist.is_main():  # rank 0 reports; the checkpoint and the JSON are its own
+        return
     res = {k: v for k, v in ctx.results.items() if not k.startswith("_")}
     for step, data in res.items():
         if isinstance(data, dict) and data.get("layer_errors"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -89,6 +90,12 @@ class HessianAccumulator:
         self.n += t
         x = x * (2.0 / self.n) ** 0.5
         self.H.add_(x.T @ x)
+
+    def merged(self, total: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``H`` over the rows seen by every process: ``total`` sums a tensor over processes (in
+        float64; :func:`qtool.dist.sum_`). ``n H`` is summed and divided by the total ``n``."""
+        n = float(total(torch.tensor([float(self.n)], dtype=torch.float64)))
+        return (total(self.H.to(torch.float64) * self.n) / n).to(torch.float32)
 
 
 def _check_spec(spec: QSpec) -> None:

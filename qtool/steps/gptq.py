@@ -15,8 +15,10 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
+from qtool import dist
 from qtool.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qtool.models.qlinear import QuantizedWeight
+from qtool.quant.quantizer import n_groups
 from qtool.steps import register
 from qtool.steps.layerwise import LayerwiseRunner, capture_inputs
 from qtool.steps.registry import StepConfig
@@ -34,6 +36,7 @@ class GPTQ(StepConfig):
     """GPTQ with damping, optional act-order, lazy block updates, groups and MSE clip search."""
 
     quantizes_weights: ClassVar[bool] = True
+    data_parallel: ClassVar[bool] = True
 
     block_size: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0.0, description="damping as a share of mean(diag H)")
@@ -71,19 +74,42 @@ class GPTQ(StepConfig):
 
             with capture_inputs(lins, add, stop=True):
                 runner.forward_all(layer)
-            for name, lin in lins.items():
-                res = gptq_quantize(
-                    lin.weight.data.float(),
-                    hess[name].H,
-                    spec,
-                    block_size=self.block_size,
-                    damp=self.damp,
-                    act_order=self.act_order,
-                    mse_clip=self.mse_clip,
-                    scale_dtype=ctx.scale_dtype,
-                )
-                lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
-                st["errors"][f"layers.{i}.{name}"] = res.loss
+            for k, (name, lin) in enumerate(lins.items()):
+                if not dist.active():
+                    res = self._solve(ctx, lin, hess[name].H, spec)
+                    lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
+                    st["errors"][f"layers.{i}.{name}"] = res.loss
+                    continue
+                # several ranks: the Hessian summed over every rank's windows; one owner solves
+                H = hess[name].merged(dist.sum_)
+                src = dist.owner(i + k)
+                if dist.rank() == src:
+                    res = self._solve(ctx, lin, H, spec)
+                    codes, scale, zero, loss = res.codes, res.scale, res.zero, torch.tensor([float(res.loss)])
+                else:
+                    m, d = lin.weight.shape
+                    g = n_groups(d, spec)
+                    codes = torch.empty(m, d, dtype=torch.int8, device=lin.weight.device)
+                    scale = torch.empty(m, g, dtype=torch.float32, device=lin.weight.device)
+                    zero = torch.empty(m, g, dtype=torch.int8, device=lin.weight.device)
+                    loss = torch.empty(1, dtype=torch.float64)
+                codes, scale, zero = (t.to(lin.weight.device).contiguous() for t in (codes, scale, zero))
+                loss = loss.to(lin.weight.device, torch.float64)
+                dist.broadcast([codes, scale, zero, loss], src)
+                lin.set_quantized(QuantizedWeight(codes, scale, zero, spec))
+                st["errors"][f"layers.{i}.{name}"] = float(loss)
+
+    def _solve(self, ctx, lin, H, spec):
+        return gptq_quantize(
+            lin.weight.data.float(),
+            H,
+            spec,
+            block_size=self.block_size,
+            damp=self.damp,
+            act_order=self.act_order,
+            mse_clip=self.mse_clip,
+            scale_dtype=ctx.scale_dtype,
+        )
 
     def layer_summary(self, ctx) -> str:
         """The last finished layer's errors, for its progress line in logs."""
@@ -102,7 +128,10 @@ class GPTQ(StepConfig):
 
     def apply(self, ctx) -> None:
         self.stream_start(ctx)
-        runner = LayerwiseRunner(ctx, self.batch_size, self.offload)
+        runner = LayerwiseRunner(ctx, self.batch_size, self.offload, shard=True)
+        ctx.record(
+            "gptq", {"ranks": dist.world(), "windows_this_rank": sum(x.shape[0] for x in runner.inputs)}
+        )
         runner.run(
             lambda i, layer: self.stream_layer(ctx, runner, i, layer),
             "gptq",

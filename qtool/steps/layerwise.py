@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from qtool import dist
 from qtool.log import track
 from qtool.models.adapters import get_adapter
 
@@ -26,7 +27,11 @@ logger = logging.getLogger("qtool")
 
 
 class LayerwiseRunner:
-    def __init__(self, ctx, batch_size: int = 8, offload: bool = True, fp_stream: bool = False) -> None:
+    def __init__(
+        self, ctx, batch_size: int = 8, offload: bool = True, fp_stream: bool = False, shard: bool = False
+    ) -> None:
+        """``shard``: this process takes only its share of the calibration windows (data-parallel
+        calibration over torchrun ranks, :mod:`qtool.dist`); the step then sums its statistics."""
         self.ctx = ctx
         self.model = ctx.model
         self.adapter = get_adapter(self.model.config)
@@ -34,6 +39,8 @@ class LayerwiseRunner:
         self.batch_size = batch_size
         self.offload = offload
         ids = ctx.calibration()
+        if shard and dist.world() > 1:
+            ids = ids[dist.shard(ids.shape[0])]
         self.store = torch.device("cpu") if offload else self.device
         emb = self.adapter.embed(self.model)
         with torch.no_grad():

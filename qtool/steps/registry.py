@@ -31,6 +31,9 @@ class StepConfig(Closed):
     streams: ClassVar[bool] = False
     # the step needs the calibration stream (a LayerwiseRunner) in stream_layer
     needs_runner: ClassVar[bool] = False
+    # under torchrun the step splits its calibration windows over ranks (or has none); otherwise
+    # every rank runs it on all windows (same result on every rank, no speed-up)
+    data_parallel: ClassVar[bool] = False
 
     def apply(self, ctx) -> None:  # pragma: no cover - every registered step overrides it
         raise NotImplementedError

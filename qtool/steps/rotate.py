@@ -95,6 +95,8 @@ def rotate_layer(adapter, layer, q: torch.Tensor) -> None:
 class Rotate(StepConfig):
     """Fold norms and rotate the model; it computes the same function in full precision."""
 
+    data_parallel: ClassVar[bool] = True  # nothing to calibrate
+
     kind: Literal["hadamard", "random_orthogonal"] = Field("hadamard", description="residual rotation matrix")
     seed: int = Field(0, description="seed of the random signs / random orthogonal matrices")
     residual: bool = True

@@ -21,6 +21,8 @@ logger = logging.getLogger("qtool")
 class RTN(StepConfig):
     """Quantize weights to the nearest grid point (optionally with a per-group MSE clip search)."""
 
+    data_parallel: ClassVar[bool] = True  # nothing to calibrate
+
     quantizes_weights: ClassVar[bool] = True
 
     mse_clip: bool = Field(False, description="search a clip ratio per row/group minimizing the weight error")

@@ -1,0 +1,96 @@
+"""Data-parallel calibration over processes and machines, with PyTorch's own ``torch.distributed``.
+
+A run launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins the process group:
+``gloo`` on CPU, ``nccl`` on CUDA with each rank on ``cuda:LOCAL_RANK``. Each rank pushes its own
+disjoint share of the calibration windows (window ``i`` belongs to rank ``i % world``) through the
+layers; the statistics a solve needs are summed over ranks in float64 before the solve; each
+linear has an owner rank that solves it and broadcasts codes, scales and zero points. Rank 0 alone
+writes the checkpoint and logs. With one process everything here is a no-op, so a single-process
+run computes exactly what it did before.
+
+What can differ with the number of ranks: the order in which the float64 statistics are summed
+(a few ulps of the Hessian), which can flip the rounding of a weight sitting on a grid midpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as td
+
+from qtool.errors import QtoolError
+
+
+def env_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def active() -> bool:
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
+def rank() -> int:
+    return td.get_rank() if active() else 0
+
+
+def world() -> int:
+    return td.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group when launched by torchrun; returns this rank's device."""
+    if env_world() <= 1 or active():
+        return device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise QtoolError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices here")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        td.init_process_group("nccl", device_id=device)
+    else:
+        td.init_process_group("gloo")
+    return device
+
+
+def shard(n: int) -> list[int]:
+    """This rank's calibration windows out of ``n``: ``i % world == rank`` (deterministic)."""
+    return [i for i in range(n) if i % world() == rank()]
+
+
+def sum_(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over ranks, in float64 (``t`` itself when alone)."""
+    if not active():
+        return t
+    out = t.to(torch.float64).clone()
+    td.all_reduce(out)
+    return out
+
+
+def owner(index: int) -> int:
+    """The rank that solves work item ``index`` (round robin)."""
+    return index % world()
+
+
+def broadcast(tensors: Sequence[torch.Tensor], src: int) -> None:
+    """Copy ``tensors`` (same shapes and dtypes on every rank) from rank ``src`` to all, in place."""
+    if not active():
+        return
+    for t in tensors:
+        td.broadcast(t, src)
+
+
+def barrier() -> None:
+    if active():
+        td.barrier()
+
+
+def shutdown() -> None:
+    if active():
+        td.destroy_process_group()
