@@ -60,19 +60,24 @@ def load_skeleton(path: str | Path, reader: ShardReader, dtype: str = "float32")
     return model, tok
 
 
-def materialize_layer(model: nn.Module, i: int, reader: ShardReader, dtype: str = "float32") -> nn.Module:
-    """Read decoder layer ``i``'s tensors from the shards into host memory (math dtype)."""
+def materialize_layer(model: nn.Module, i: int, reader: ShardReader) -> nn.Module:
+    """Read decoder layer ``i``'s tensors from the shards into host memory (the skeleton's math dtype), one tensor
+    at a time straight into the layer's parameters (no second copy of the layer)."""
     layer = get_adapter(model.config).layers(model)[i]
     prefix = f"{layers_prefix(model)}{i}."
-    state = {k.removeprefix(prefix): v.to(DTYPES[dtype]) for k, v in reader.tensors(prefix).items()}
-    reader.close()  # unmap the shard: its pages would otherwise stay resident
-    layer.to_empty(device="cpu")
-    missing, unexpected = layer.load_state_dict(state, strict=False)
+    keys = {k.removeprefix(prefix) for k in reader.keys() if k.startswith(prefix)}
+    own = dict(layer.named_parameters()) | dict(layer.named_buffers())
+    missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
     if missing or unexpected:
         raise QtoolError(
-            f"{reader.folder}: layer {i} does not match the config "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            f"{reader.folder}: layer {i} does not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    layer.to_empty(device="cpu")
+    own = dict(layer.named_parameters()) | dict(layer.named_buffers())
+    with torch.no_grad():
+        for name, target in own.items():
+            target.copy_(reader.tensor(prefix + name))
+    reader.close()  # unmap the shards: their pages would otherwise stay resident
     return layer
 
 

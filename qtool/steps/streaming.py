@@ -200,7 +200,7 @@ def run_streaming(
         "layers (streamed)",
         detail=(lambda: summary.layer_summary(ctx)) if summary else None,
     ):
-        layer = materialize_layer(model, i, reader, recipe.dtype).to(device)
+        layer = materialize_layer(model, i, reader).to(device)
         for step in others:
             step.stream_layer(ctx, runner, i, layer)
         if runner is not None:
