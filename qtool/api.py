@@ -154,6 +154,22 @@ def load(target: str, dtype: str = "float32", device: str = "auto", kernels: str
     return model, tok, {"kind": "unquantized", "dtype": dtype}
 
 
+def ppl_protocol(res, dataset: str, seq_len: int) -> dict[str, Any]:
+    """How a perplexity was measured (the papers' protocol, METHODS.md section 0), for the JSON."""
+    return {
+        "dataset": dataset,
+        "split": "test",
+        "join": "\\n\\n",
+        "seq_len": seq_len,
+        "windows": res.windows,
+        "total_windows": res.total_windows,
+        "first_windows": True,
+        "tokens_scored": res.tokens_scored,
+        "prefix": res.prefix,
+        "ppl": "exp(mean window NLL)",
+    }
+
+
 def evaluate_ppl(
     target: str,
     dataset: str = "wikitext2",
@@ -175,18 +191,7 @@ def evaluate_ppl(
         "model": str(target),
         "loaded": info,
         "ppl": res.ppl,
-        "protocol": {
-            "dataset": dataset,
-            "split": "test",
-            "join": "\\n\\n",
-            "seq_len": seq_len,
-            "windows": res.windows,
-            "total_windows": res.total_windows,
-            "first_windows": True,
-            "tokens_scored": res.tokens_scored,
-            "prefix": res.prefix,
-            "ppl": "exp(mean window NLL)",
-        },
+        "protocol": ppl_protocol(res, dataset, seq_len),
         "nll_per_window": res.nll_per_window,
         "dtype": dtype,
         "device": str(next(model.parameters()).device),
@@ -331,18 +336,7 @@ def evaluate(
         if windows is not None:
             res = perplexity_of_windows(model, windows, total, ppl, pre, prefix, batch_size)
             row["ppl"] = res.ppl
-            row["protocol"] = {
-                "dataset": ppl,
-                "split": "test",
-                "join": "\\n\\n",
-                "seq_len": seq_len,
-                "windows": res.windows,
-                "total_windows": res.total_windows,
-                "first_windows": True,
-                "tokens_scored": res.tokens_scored,
-                "prefix": res.prefix,
-                "ppl": "exp(mean window NLL)",
-            }
+            row["protocol"] = ppl_protocol(res, ppl, seq_len)
             row["nll_per_window"] = res.nll_per_window
             row["eval_seconds"] = res.seconds
         if spec is not None:

@@ -20,36 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-SHAPES = {
-    "llama-2-7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
-    "llama-3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-    ),
-    "llama-3.2-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-    ),
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-}
+from qtool.bench.generate import SHAPES  # the real shapes (the vocabulary is replaced, see above)
 
 
 def layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
