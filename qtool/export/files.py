@@ -11,8 +11,10 @@ from pathlib import Path
 
 from qtool.errors import QtoolError
 
-# what the writer always writes (``recipe.yaml`` is provenance: loading does not need it)
-REQUIRED = ("qtool.json", "config.json", "model.safetensors", "tokenizer_config.json")
+# what the writer always writes (``recipe.yaml`` is provenance: loading does not need it); the
+# weights are ``model.safetensors`` or, sharded, the index and every shard it lists
+REQUIRED = ("qtool.json", "config.json", "tokenizer_config.json")
+INDEX = "model.safetensors.index.json"
 # a tokenizer needs one of these beside tokenizer_config.json
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -21,6 +23,16 @@ def missing_checkpoint_files(path: str | Path) -> list[str]:
     """The files the checkpoint at ``path`` lacks (empty when complete), sidecars included."""
     path = Path(path)
     missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if (path / INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise QtoolError(
+                f"{path / INDEX} is not a valid shard index ({exc}); re-export the checkpoint"
+            ) from None
+        missing += [name for name in shards if not (path / name).is_file()]
+    elif not (path / "model.safetensors").is_file():
+        missing.append(f"model.safetensors (or {INDEX} and its shards)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         missing.append(" or ".join(TOKENIZER_FILES))
     meta_file = path / "qtool.json"

@@ -186,3 +186,19 @@ def test_progress_is_one_log_line_per_layer_when_not_a_terminal(sharded, tmp_pat
     for k, line in enumerate(lines, 1):
         assert line.startswith(f"layers (streamed): {k}/3 done, elapsed ") and "ETA" in line
         assert "peak RSS" in line and "mean GPTQ loss" in line
+
+
+def test_a_sharded_checkpoint_loads_and_a_missing_shard_is_named(sharded, tmp_path):
+    from qtool.api import load
+    from qtool.export.files import check_checkpoint_files
+
+    out = tmp_path / "ckpt"
+    ctx = run_recipe(recipe(sharded, ["rtn"]), out, stream=True)
+    model, _, _ = load(str(out), device="cpu", kernels="off")
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(ids).logits).all()
+    assert ctx.results["export"]["decoder_linear_bytes"] > 0
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(QtoolError, match=f"missing {shard.name}"):
+        check_checkpoint_files(out)
