@@ -40,7 +40,15 @@ def progress_enabled() -> bool:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process so far: VmHWM (reset at exec) where /proc has it, else
+    ru_maxrss (which a process started from a large parent inherits)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

