@@ -193,7 +193,10 @@ def test_progress_is_one_log_line_per_layer_when_not_a_terminal(sharded, tmp_pat
     monkeypatch.setattr(logging.getLogger("qtool"), "propagate", True)  # the CLI turns it off
     with caplog.at_level(logging.INFO, logger="qtool"):
         run_recipe(recipe(sharded, [GPTQ]), tmp_path / "out", stream=True)
-    lines = [r.getMessage() for r in caplog.records if "layers (streamed)" in r.getMessage()]
+    # distinct messages: once a CLI test has set up logging, pytest may capture a record twice
+    lines = list(
+        dict.fromkeys(r.getMessage() for r in caplog.records if "layers (streamed)" in r.getMessage())
+    )
     assert len(lines) == 3, lines
     for k, line in enumerate(lines, 1):
         assert line.startswith(f"layers (streamed): {k}/3 done, elapsed ") and "ETA" in line
