@@ -170,37 +170,6 @@ def ppl_protocol(res, dataset: str, seq_len: int) -> dict[str, Any]:
     }
 
 
-def evaluate_ppl(
-    target: str,
-    dataset: str = "wikitext2",
-    seq_len: int = 2048,
-    limit: int | None = None,
-    batch_size: int = 1,
-    prefix: str = "none",
-    dtype: str = "float32",
-    device: str = "auto",
-    kernels: str = "auto",
-) -> dict[str, Any]:
-    from qtool.eval.perplexity import perplexity
-
-    t0 = time.perf_counter()
-    model, tok, info = load(target, dtype, device, kernels)
-    load_seconds = time.perf_counter() - t0
-    res = perplexity(model, tok, dataset, seq_len, limit, batch_size, prefix)
-    return {
-        "model": str(target),
-        "loaded": info,
-        "ppl": res.ppl,
-        "protocol": ppl_protocol(res, dataset, seq_len),
-        "nll_per_window": res.nll_per_window,
-        "dtype": dtype,
-        "device": str(next(model.parameters()).device),
-        "versions": versions(),
-        "eval_seconds": res.seconds,
-        "load_seconds": load_seconds,
-    }
-
-
 def inspect_target(target: str) -> dict[str, Any]:
     """What evaluating ``target`` loads, read without its weights: ``kind``, ``config``, ``tokenizer``.
 
