@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from qtool.algorithms.kv_smooth import fold_linear
+from qtool.algorithms.kv_smooth import fold_factors, fold_linear
 from qtool.models.adapters import get_adapter
 
 FOLDED = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -25,6 +25,8 @@ def apply_layer_smoothing(layer, adapter, entry: dict, fold_k: bool, fold_v: boo
     groups = adapter.attention(layer).config.num_attention_heads // sk.shape[0]
     if fold:
         for name in FOLDED:
+            if fold_factors(name, sk, sv, groups, fold_k, fold_v) == (None, None):
+                continue  # not scaled: no float64 round trip of its weight
             lin = adapter.linear(layer, name)
             b = None if lin.bias is None else lin.bias.data.double()
             w, b = fold_linear(name, lin.weight.data.double(), b, sk, sv, groups, fold_k, fold_v)

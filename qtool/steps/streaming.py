@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import qtool
 from qtool.errors import QtoolError
 from qtool.export.writer import (
     check_format,
@@ -97,7 +98,7 @@ def fingerprint(
         "recipe": _digest(recipe.to_yaml().encode()),
         "model": _digest(model),
         "calibration": "none" if calibration is None else _digest(calibration.cpu().numpy().tobytes()),
-        "qtool": __import__("qtool").__version__,
+        "qtool": qtool.__version__,
     }
 
 
