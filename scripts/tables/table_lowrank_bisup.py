@@ -109,7 +109,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--full-fraction", type=float, default=0.3, help="lowrank rank_fraction of the full recipe"
     )
-    p.add_argument("--only", default="", help="comma-separated substrings: run only rows whose label matches")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated substrings: run only rows whose label matches (an entry starting with '=' "
+        "must equal the label)",
+    )
     p.add_argument("--out", default="table_lowrank_bisup32", help="output stem under results/")
     p.add_argument(
         "--reuse",
@@ -187,6 +192,10 @@ def main() -> int:
         }
         if all(old["meta"].get(k) == v for k, v in probe.items()):
             reuse = {r["label"]: r for r in old["rows"]}
+        elif all(old["meta"].get(k) == v for k, v in probe.items() if k != "calibration"):
+            # the FP row does not calibrate: same model, windows and seq len are enough
+            reuse = {r["label"]: r for r in old["rows"] if not r["steps"]}
+            print(f"--reuse {args.reuse}: other calibration, only the FP row reused", file=sys.stderr)
         else:
             print(f"--reuse {args.reuse}: different protocol, nothing reused", file=sys.stderr)
     for label, baseline, scheme, steps in rows(args):
@@ -196,7 +205,7 @@ def main() -> int:
             results.append({**reuse[label], "reused_from": Path(args.reuse).name})
             print(f"{label}: reused from {args.reuse}", file=sys.stderr, flush=True)
             continue
-        if wanted and not any(s in label for s in wanted):
+        if wanted and not any(label == s[1:] if s.startswith("=") else s in label for s in wanted):
             continue
         t0 = time.perf_counter()
         model = copy.deepcopy(base_model)
