@@ -1,15 +1,19 @@
 """Does a layer's low-rank correction generalize? Train vs held-out output error (issue 5).
 
     python -m scripts.diagnostics.lowrank_heldout --layer 5     # writes results/lowrank_heldout.{json,md}
+    python -m scripts.diagnostics.lowrank_heldout --calib 8x512,32x512,128x512   # the README's run
 
 SmolLM2-135M, rotated (``rotate``, W4A4KV4 scheme: weights 4-bit per channel, activations
 per-token 4-bit clip 0.9); the full-precision model up to the layer (no earlier layer quantized,
 to isolate one solve). For ``q_proj`` and ``down_proj`` of one decoder layer the statistics of
 the inputs are collected on calibration windows (seed 0) of two sizes and on held-out windows
 (seed 123, validation split: independent random windows, not guaranteed disjoint), and :func:`qtool.algorithms.lowrank.lowrank_solve`
-is run at several rank fractions. The table reports the output error
-``|W X - W^ Q(X) - U V^T X|^2 / |W X|^2`` on the calibration windows (what the solver minimizes)
-and on the held-out ones (what the model sees).
+is run at several rank fractions, for each solver variant (``--variants``, ``init/cross_shrink``:
+``zero/1.0`` is the solver before issue 13, bit for bit; ``closed_form/auto`` the default now),
+next to plain GPTQ (rank 0, no cross term: what the W4A4 rotate + GPTQ row does). The table
+reports the output error ``|W X - W^ Q(X) - U V^T X|^2 / |W X|^2`` on the calibration windows
+(what the solver minimizes) and on the held-out ones (what the model sees), and the held-out
+reduction against plain GPTQ.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ def main() -> int:
     p.add_argument("--calib", default="8x256,32x512", help="calibration sizes, samples x seq_len")
     p.add_argument("--heldout", default="8x512")
     p.add_argument("--fractions", default="0,0.1,0.3")
+    p.add_argument(
+        "--variants",
+        default="zero/1.0,closed_form/auto",
+        help="comma-separated init/cross_shrink pairs of lowrank_solve",
+    )
+    p.add_argument("--out", default="lowrank_heldout", help="output stem under results/")
     args = p.parse_args()
 
     from qtool.algorithms.lowrank import LowRankStats, lowrank_objective, lowrank_solve, rank_for_fraction
@@ -89,18 +99,37 @@ def main() -> int:
         cal = stats_for(calibration_windows(tok, "wikitext2", "auto", n, L, 0))
         for name in names:
             W = adapter.linear(layer, name).weight.data.float()
-            for f in (float(x) for x in args.fractions.split(",")):
+            gptq_kwargs = {"act_order": True, "mse_clip": True}
+            # plain GPTQ: rank 0 and no cross term, i.e. GPTQ on W with the Hessian of Q(X)
+            plain = lowrank_solve(W, cal[name], spec, 0, cross_shrink=0.0, gptq_kwargs=gptq_kwargs)
+            plain_held = rel(W, plain.weight, plain.U, plain.V, held[name])
+            runs = [("plain GPTQ", 0.0, "zero", 0.0)] + [
+                (v, float(f), *v.split("/"))
+                for v in args.variants.split(",")
+                for f in args.fractions.split(",")
+            ]
+            for variant, f, init, shrink in runs:
                 k = rank_for_fraction(*W.shape, f)
-                res = lowrank_solve(W, cal[name], spec, k, gptq_kwargs={"act_order": True, "mse_clip": True})
+                shrink = shrink if shrink == "auto" else float(shrink)
+                res = (
+                    plain
+                    if variant == "plain GPTQ"
+                    else lowrank_solve(
+                        W, cal[name], spec, k, init=init, cross_shrink=shrink, gptq_kwargs=gptq_kwargs
+                    )
+                )
+                held_err = rel(W, res.weight, res.U, res.V, held[name])
                 row = {
                     "calibration": c,
                     "tokens": n * L,
                     "linear": name,
                     "width": W.shape[1],
+                    "variant": variant,
                     "rank_fraction": f,
                     "rank": k,
                     "train_rel_error": rel(W, res.weight, res.U, res.V, cal[name]),
-                    "heldout_rel_error": rel(W, res.weight, res.U, res.V, held[name]),
+                    "heldout_rel_error": held_err,
+                    "heldout_reduction_vs_gptq": 1.0 - held_err / plain_held,
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -117,15 +146,17 @@ def main() -> int:
     }
     out = RESULTS
     out.mkdir(exist_ok=True)
-    (out / "lowrank_heldout.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     lines = [
-        "| calibration | linear (width) | rank fraction (rank) | error on calibration | error held out |",
-        "|---|---|---:|---:|---:|",
+        "| calibration | linear (width) | solver (init/cross_shrink) | rank fraction (rank) | error on calibration "
+        "| error held out | held-out reduction vs GPTQ |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['calibration']} ({r['tokens']} tokens) | {r['linear']} ({r['width']}) | "
-            f"{r['rank_fraction']:g} ({r['rank']}) | {r['train_rel_error']:.4f} | {r['heldout_rel_error']:.4f} |"
+            f"| {r['calibration']} ({r['tokens']} tokens) | {r['linear']} ({r['width']}) | {r['variant']} | "
+            f"{r['rank_fraction']:g} ({r['rank']}) | {r['train_rel_error']:.4f} | {r['heldout_rel_error']:.4f} | "
+            f"{100 * r['heldout_reduction_vs_gptq']:.1f}% |"
         )
     lines += [
         "",
@@ -133,7 +164,7 @@ def main() -> int:
         f"|WX - W^Q(X) - UV^T X|^2 / |WX|^2; held out: {meta['heldout']}; {meta['device']}, torch "
         f"{meta['versions']['torch']}. Command: `{meta['command']}`",
     ]
-    (out / "lowrank_heldout.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
