@@ -184,10 +184,16 @@ def check_format(ctx, fmt: str) -> None:
 
 
 def write_metadata(
-    ctx, folder: Path, fmt: str, quantized: list[str], extra: dict[str, Any] | None = None
+    ctx,
+    folder: Path,
+    fmt: str,
+    quantized: list[str],
+    extra: dict[str, Any] | None = None,
+    skip_sidecars: set[str] | frozenset[str] = frozenset(),
 ) -> None:
     """Everything of a checkpoint folder but the weight shards: config, qtool.json, recipe,
-    tokenizer, generation config and the run-time features' sidecars."""
+    tokenizer, generation config and the run-time features' sidecars (except those of the features
+    in ``skip_sidecars``, already written, e.g. gathered layer by layer by a streamed run)."""
     model, scheme, dtype = ctx.model, ctx.scheme, ctx.scale_dtype
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -209,7 +215,7 @@ def write_metadata(
     ctx.tokenizer.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    save_sidecars(model, ctx.runtime, folder, dtype)
+    save_sidecars(model, ctx.runtime, folder, dtype, skip=skip_sidecars)
 
 
 def new_tmp(output: Path) -> Path:

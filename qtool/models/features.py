@@ -122,9 +122,15 @@ def sidecar_files(runtime: dict[str, Any]) -> list[str]:
     return sorted(name for feature, _ in _features(runtime) for name in feature.sidecars)
 
 
-def save_sidecars(model: nn.Module, runtime: dict[str, Any], folder: str | Path, dtype: torch.dtype) -> None:
+def save_sidecars(
+    model: nn.Module,
+    runtime: dict[str, Any],
+    folder: str | Path,
+    dtype: torch.dtype,
+    skip: set[str] | frozenset[str] = frozenset(),
+) -> None:
     for feature, entry in _features(runtime):
-        if feature.save is not None:
+        if feature.save is not None and feature.name not in skip:
             feature.save(model, entry, Path(folder), dtype)
 
 

@@ -36,17 +36,22 @@ def _corrected(model) -> dict[str, object]:
     return {names[id(lin)]: lin for _, _, lin in iter_qlinears(model) if lin.lora_U is not None}
 
 
-def lora_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``{PEFT key: tensor}`` for every linear with a low-rank correction."""
+def lora_tensors(model, dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{PEFT key: tensor}`` for every linear with a low-rank correction (whose module name starts
+    with ``prefix``: one decoder layer of a streamed run)."""
     out = {}
     for name, lin in _corrected(model).items():
+        if not name.startswith(prefix):
+            continue
         out[f"{PREFIX}{name}.lora_A.weight"] = lin.lora_V.t().to(dtype).cpu().contiguous()
         out[f"{PREFIX}{name}.lora_B.weight"] = lin.lora_U.to(dtype).cpu().contiguous()
     return out
 
 
-def lora_config(model, base: str) -> dict:
-    ranks = {name: int(lin.lora_U.shape[1]) for name, lin in _corrected(model).items()}
+def lora_config(tensors: dict[str, torch.Tensor], base: str) -> dict:
+    """The PEFT config of the adapter tensors ``tensors`` (:func:`lora_tensors`)."""
+    suffix = ".lora_B.weight"
+    ranks = {k[len(PREFIX) : -len(suffix)]: int(t.shape[1]) for k, t in tensors.items() if k.endswith(suffix)}
     r = max(ranks.values(), default=0)
     return {
         "peft_type": "LORA",
@@ -68,9 +73,14 @@ def lora_config(model, base: str) -> dict:
 
 def save_lora(model, folder: str | Path, dtype: torch.dtype, base: str) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``."""
+    save_lora_tensors(lora_tensors(model, dtype), folder, base)
+
+
+def save_lora_tensors(tensors: dict[str, torch.Tensor], folder: str | Path, base: str) -> None:
+    """Write the adapter of ``tensors`` (:func:`lora_tensors`, e.g. gathered layer by layer)."""
     folder = Path(folder)
-    save_file(lora_tensors(model, dtype), str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(lora_config(model, base), indent=2))
+    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(lora_config(tensors, base), indent=2))
 
 
 def load_lora(model, path: str | Path) -> None:

@@ -28,8 +28,14 @@ def layers_prefix(model: nn.Module) -> str:
     return name + "."
 
 
-def load_skeleton(path: str | Path, reader: ShardReader, dtype: str = "float32"):
-    """``(model, tokenizer)``: every decoder layer on the meta device, the rest loaded."""
+def load_skeleton(path: str | Path, reader: ShardReader, dtype: str = "float32", keep_outer: bool = False):
+    """``(model, tokenizer)``: every decoder layer on the meta device, the rest loaded.
+
+    ``keep_outer``: load the tensors outside the decoder layers (embeddings, final norm, lm_head)
+    in the checkpoint's own floating dtype instead of the math dtype ``dtype`` when it is not wider
+    (a bf16 checkpoint's 32000 x 4096 embedding and head: 0.5 GB instead of 1 GB); for runs whose
+    steps do not change them. Their values are the same either way (a bf16 value is exact in float32),
+    and the calibration stream casts the embedding output to the math dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     path = Path(path)
@@ -47,7 +53,13 @@ def load_skeleton(path: str | Path, reader: ShardReader, dtype: str = "float32")
             continue
         owner, leaf = name.rsplit(".", 1)
         module = model.get_submodule(owner)
-        value = reader.tensor(name).to(DTYPES[dtype])
+        value = reader.tensor(name)
+        math = DTYPES[dtype]
+        narrower = (
+            value.is_floating_point() and value.element_size() <= torch.empty((), dtype=math).element_size()
+        )
+        if not (keep_outer and narrower):
+            value = value.to(math)
         setattr(module, leaf, nn.Parameter(value, requires_grad=False))
     reader.close()
     if tied:

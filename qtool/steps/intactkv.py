@@ -17,16 +17,18 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from pydantic import Field
+from transformers import DynamicCache
 
 from qtool.config import Closed
 from qtool.errors import QtoolError
 from qtool.log import track
 from qtool.models.adapters import get_adapter
 from qtool.models.features import PIVOT_FILE
-from qtool.models.pivot import PivotCache, cache_kw, compute_prefix_cache
+from qtool.models.pivot import PivotCache, cache_kw, cache_tensors, compute_prefix_cache
 from qtool.models.prepare import iter_qlinears
 from qtool.quant.quantizer import fake_quant_ste
 from qtool.steps import register
@@ -53,6 +55,99 @@ class IntactKV(StepConfig):
 
     pivot: str | list[int] = Field("bos", description="bos, a system-prompt text, or token ids")
     calibrate: CalibrateOptions | None = Field(None, description="train the pivot K/V (IntactKV calibrated)")
+
+    streams: ClassVar[bool] = True
+
+    # --- streamed (``--stream``): the pivot goes through each full-precision layer as it streams ---
+
+    def stream_refusal(self) -> str | None:
+        if self.calibrate is not None:
+            return (
+                "intactkv.calibrate trains the pivot through the whole quantized and full-precision "
+                "models and cannot stream; run without --stream, or drop `calibrate` (plain IntactKV streams)"
+            )
+        return None
+
+    def stream_start(self, ctx) -> None:
+        ids = pivot_token_ids(ctx.tokenizer, self.pivot)
+        adapter = get_adapter(ctx.model.config)
+        math = next(adapter.layers(ctx.model)[0].parameters()).dtype
+        with torch.no_grad():
+            hidden = adapter.embed(ctx.model)(torch.tensor([ids], device=ctx.device)).to(math)
+        ctx.state["intactkv"] = {"start": time.perf_counter(), "ids": ids, "hidden": hidden}
+
+    def stream_fp_layer(self, ctx, i: int, layer) -> None:
+        """Push the pivot through full-precision layer ``i`` (KV and activation quantization off),
+        keeping the K/V it writes: what the whole full-precision model computes for it."""
+        st = ctx.state["intactkv"]
+        adapter = get_adapter(ctx.model.config)
+        h = st["hidden"]
+        pos = torch.arange(h.shape[1], device=h.device)[None]
+        attn = adapter.attention(layer).qtool
+        lins = [m for m in layer.modules() if hasattr(m, "act_quant_enabled")]
+        before = attn.enabled, [m.act_quant_enabled for m in lins]
+        attn.enabled = False
+        for m in lins:
+            m.act_quant_enabled = False
+        try:
+            with torch.no_grad():
+                pe = adapter.rotary(ctx.model).to(h.device)(h, pos)
+                cache = DynamicCache()
+                st["hidden"] = layer(
+                    h,
+                    position_ids=pos,
+                    **cache_kw(cache),
+                    use_cache=True,
+                    cache_position=pos[0],
+                    position_embeddings=pe,
+                )
+        finally:
+            attn.enabled = before[0]
+            for m, e in zip(lins, before[1], strict=True):
+                m.act_quant_enabled = e
+        keys, values = cache_tensors(cache)
+        st["key"], st["value"] = keys[i][:1], values[i][:1]
+
+    def stream_layer(self, ctx, runner, i: int, layer) -> None:
+        """Nothing on the quantized layer: the pivot was computed by :meth:`stream_fp_layer`."""
+
+    def stream_extra(self, ctx, i: int, layer) -> dict:
+        st = ctx.state["intactkv"]
+        out = {
+            f"key.{i}": st.pop("key").to(ctx.scale_dtype).cpu(),
+            f"value.{i}": st.pop("value").to(ctx.scale_dtype).cpu(),
+            f"hidden.{i}": st["hidden"].cpu(),  # the pivot's input to layer i + 1 (for --resume)
+        }
+        return out
+
+    def stream_restore(self, ctx, tensors: dict) -> None:
+        last = max((int(k.split(".")[1]) for k in tensors if k.startswith("hidden.")), default=None)
+        if last is not None:
+            ctx.state["intactkv"]["hidden"] = tensors[f"hidden.{last}"].to(ctx.device)
+
+    def stream_sidecar(self, ctx, tensors: dict, folder) -> str | None:
+        """The pivot cache from the gathered per-layer K/V; the writer saves it like in memory."""
+        n = len(get_adapter(ctx.model.config).layers(ctx.model))
+        st = ctx.state["intactkv"]
+        ctx.model.qtool_pivot = PivotCache(
+            st["ids"],
+            [tensors[f"key.{i}"].float() for i in range(n)],
+            [tensors[f"value.{i}"].float() for i in range(n)],
+        )
+        return None
+
+    def stream_end(self, ctx) -> None:
+        st = ctx.state["intactkv"]
+        ctx.runtime["intactkv"] = {"pivot_tokens": st["ids"], "sidecar": PIVOT_FILE, "calibrated": False}
+        ctx.record(
+            "intactkv",
+            {
+                "pivot_tokens": st["ids"],
+                "calibrated": False,
+                "seconds_pivot": time.perf_counter() - st["start"],
+            },
+        )
+        logger.info("intactkv: pivot of %d token(s), computed layer by layer", len(st["ids"]))
 
     def apply(self, ctx) -> None:
         start = time.perf_counter()

@@ -43,16 +43,17 @@ class LayerwiseRunner:
             ids = ids[dist.shard(ids.shape[0])]
         self.store = torch.device("cpu") if offload else self.device
         emb = self.adapter.embed(self.model)
+        # the decoder layers' dtype (a streamed model may keep its embeddings in the checkpoint's)
+        dtype = next(self.adapter.layers(self.model)[0].parameters()).dtype
         with torch.no_grad():
             self.inputs = [
-                emb(ids[i : i + batch_size].to(self.device)).to(self.store)
+                emb(ids[i : i + batch_size].to(self.device)).to(dtype).to(self.store)
                 for i in range(0, ids.shape[0], batch_size)
             ]
         self.fp_inputs = [x.clone() for x in self.inputs] if fp_stream else None
         seq = ids.shape[1]
         pos = torch.arange(seq, device=self.device)[None]
         rotary = self.adapter.rotary(self.model).to(self.device)
-        dtype = next(self.model.parameters()).dtype
         with torch.no_grad():
             self.position_embeddings = rotary(torch.zeros(1, seq, 1, device=self.device, dtype=dtype), pos)
 

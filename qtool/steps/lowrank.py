@@ -14,6 +14,10 @@ d = 11008), plus GPTQ's own ``d x d`` float32 Hessian and one layer.
 
 The factors are rounded to the checkpoint dtype as soon as they are solved, so the model in
 memory computes exactly what the exported LoRA adapter reproduces.
+
+Streams (``qtool quantize --stream``): one decoder layer in memory at a time, plus the statistics
+above; each layer's factors are saved with its resume state and the adapter is written from them
+at the end, byte-identical to the in-memory run's.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from pydantic import Field, model_validator
 
 from qtool.algorithms.lowrank import LowRankStats, lowrank_solve, rank_for_fraction
 from qtool.errors import QtoolError
+from qtool.models.lora import lora_tensors, save_lora_tensors
 from qtool.models.qlinear import QuantizedWeight
+from qtool.models.streaming import layers_prefix
 from qtool.steps import register
 from qtool.steps.layerwise import LayerwiseRunner, capture_inputs
 from qtool.steps.registry import StepConfig
@@ -91,83 +97,112 @@ class LowRank(StepConfig):
         k = self.rank if self.rank is not None else rank_for_fraction(m, d, self.rank_fraction)
         return min(k, m, d)
 
-    def apply(self, ctx) -> None:
-        spec = ctx.weight_spec("lowrank")
+    streams: ClassVar[bool] = True
+    needs_runner: ClassVar[bool] = True
+
+    def stream_start(self, ctx) -> None:
+        ctx.weight_spec("lowrank")  # fail before any work when the scheme quantizes no weights
         quant = set(ctx.scheme.targets)
         corrected = set(self.targets) if self.targets is not None else quant
         if corrected - quant:
             raise QtoolError(
                 f"lowrank.targets {sorted(corrected - quant)} are not quantized; choose among scheme.targets"
             )
-        groups = ctx.sequential_groups(self.true_sequential)
-        runner = LayerwiseRunner(ctx, self.batch_size, self.offload)
-        info: dict[str, dict] = {}
-        extra_params = 0
+        # plain JSON (a streamed run saves it after every layer to resume)
+        ctx.state["lowrank"] = {
+            "start": time.perf_counter(),
+            "errors": {},
+            "linears": {},
+            "extra": 0,
+            "last": -1,
+        }
+
+    def stream_layer(self, ctx, runner, i: int, layer) -> None:
+        """Decoder layer ``i``, its inputs in ``runner`` (the outputs of the corrected layers before)."""
+        spec = ctx.weight_spec("lowrank")
+        corrected = set(self.targets) if self.targets is not None else set(ctx.scheme.targets)
+        st = ctx.state["lowrank"]
+        st["last"] = i
         gptq_kwargs = {
             "block_size": self.block_size,
             "act_order": self.act_order,
             "mse_clip": self.mse_clip,
             "scale_dtype": ctx.scale_dtype,
         }
-        start = time.perf_counter()
+        for group in ctx.sequential_groups(self.true_sequential):
+            lins = ctx.pending({n: runner.adapter.linear(layer, n) for n in group})
+            if not lins:
+                continue
+            keys = {n: _share_key(n, m, group, lins) for n, m in lins.items()}
+            stats = {k: LowRankStats() for k in set(keys.values())}
 
-        def solve_layer(i: int, layer) -> None:
-            nonlocal extra_params
-            for group in groups:
-                lins = ctx.pending({n: runner.adapter.linear(layer, n) for n in group})
-                if not lins:
-                    continue
-                keys = {n: _share_key(n, m, group, lins) for n, m in lins.items()}
-                stats = {k: LowRankStats() for k in set(keys.values())}
+            def add(name, x, keys=keys, lins=lins, stats=stats):
+                if keys[name] != name:
+                    return  # shares the statistics of another linear of its group
+                lin = lins[name]
+                xt = lin.prepare_input(x)
+                stats[name].add(xt, lin.quantize_input(xt))
 
-                def add(name, x, keys=keys, lins=lins, stats=stats):
-                    if keys[name] != name:
-                        return  # shares the statistics of another linear of its group
-                    lin = lins[name]
-                    xt = lin.prepare_input(x)
-                    stats[name].add(xt, lin.quantize_input(xt))
+            with capture_inputs(lins, add, stop=True):
+                runner.forward_all(layer)
+            for name, lin in lins.items():
+                W = lin.weight.data.float()
+                k = self.rank_for(*W.shape) if name in corrected else 0
+                res = lowrank_solve(
+                    W,
+                    stats[keys[name]],
+                    spec,
+                    k,
+                    iterations=self.iterations,
+                    damp=self.damp,
+                    init=self.init,
+                    cross_shrink=self.cross_shrink,
+                    gptq_kwargs=gptq_kwargs,
+                )
+                lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
+                if k > 0:
+                    dt = lin.weight.dtype
+                    U = res.U.to(ctx.scale_dtype).to(dt)
+                    V = res.V.to(ctx.scale_dtype).to(dt)
+                    lin.set_lowrank(U, V)
+                    st["extra"] += U.numel() + V.numel()
+                obj = res.objective
+                st["errors"][f"layers.{i}.{name}"] = obj[-1] if obj else None
+                st["linears"][f"layers.{i}.{name}"] = {
+                    "rank": k,
+                    "objective_first": obj[0] if obj else None,
+                    "objective_last": obj[-1] if obj else None,
+                    "seconds": round(res.seconds, 3),
+                }
+            del stats
 
-                with capture_inputs(lins, add, stop=True):
-                    runner.forward_all(layer)
-                for name, lin in lins.items():
-                    W = lin.weight.data.float()
-                    k = self.rank_for(*W.shape) if name in corrected else 0
-                    res = lowrank_solve(
-                        W,
-                        stats[keys[name]],
-                        spec,
-                        k,
-                        iterations=self.iterations,
-                        damp=self.damp,
-                        init=self.init,
-                        cross_shrink=self.cross_shrink,
-                        gptq_kwargs=gptq_kwargs,
-                    )
-                    lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
-                    if k > 0:
-                        dt = lin.weight.dtype
-                        U = res.U.to(ctx.scale_dtype).to(dt)
-                        V = res.V.to(ctx.scale_dtype).to(dt)
-                        lin.set_lowrank(U, V)
-                        extra_params += U.numel() + V.numel()
-                    obj = res.objective
-                    info[f"layers.{i}.{name}"] = {
-                        "rank": k,
-                        "objective_first": obj[0] if obj else None,
-                        "objective_last": obj[-1] if obj else None,
-                        "seconds": round(res.seconds, 3),
-                    }
+    def stream_extra(self, ctx, i: int, layer) -> dict:
+        """The layer's factors in the adapter's layout (the streamed run writes the adapter at the end)."""
+        return lora_tensors(ctx.model, ctx.scale_dtype, prefix=f"{layers_prefix(ctx.model)}{i}.")
 
-        runner.run(solve_layer, "lowrank")
-        seconds = time.perf_counter() - start
-        if extra_params:  # export writes the factors as a PEFT LoRA adapter beside the weights
+    def stream_sidecar(self, ctx, tensors: dict, folder) -> str | None:
+        if "lowrank" not in ctx.runtime:
+            return None
+        save_lora_tensors(tensors, folder, ctx.runtime["lowrank"]["base_model"])
+        return "lowrank"
+
+    def layer_summary(self, ctx) -> str:
+        """The last finished layer's objectives, for its progress line in logs."""
+        st = ctx.state["lowrank"]
+        mine = [v for k, v in st["errors"].items() if k.startswith(f"layers.{st['last']}.") and v is not None]
+        return f"mean LRC objective {sum(mine) / len(mine):.4g}" if mine else "no linear quantized"
+
+    def stream_end(self, ctx) -> None:
+        st = ctx.state["lowrank"]
+        seconds = time.perf_counter() - st["start"]
+        if st["extra"]:  # export writes the factors as a PEFT LoRA adapter beside the weights
             ctx.runtime["lowrank"] = {"base_model": ctx.recipe.model}
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None
         ctx.record(
             "lowrank",
             {
-                "linears": info,
-                "extra_parameters": extra_params,
+                "linears": st["linears"],
+                "extra_parameters": st["extra"],
                 "solve_seconds": seconds,
                 "iterations": self.iterations,
                 "rank": self.rank,
@@ -175,4 +210,16 @@ class LowRank(StepConfig):
                 "peak_gpu_memory_gb": peak,
             },
         )
-        logger.info("lowrank: %d linears, %d extra parameters, %.1fs", len(info), extra_params, seconds)
+        logger.info(
+            "lowrank: %d linears, %d extra parameters, %.1fs", len(st["linears"]), st["extra"], seconds
+        )
+
+    def apply(self, ctx) -> None:
+        self.stream_start(ctx)
+        runner = LayerwiseRunner(ctx, self.batch_size, self.offload)
+        runner.run(
+            lambda i, layer: self.stream_layer(ctx, runner, i, layer),
+            "lowrank",
+            detail=lambda: self.layer_summary(ctx),
+        )
+        self.stream_end(ctx)

@@ -31,12 +31,25 @@ class StepConfig(Closed):
     streams: ClassVar[bool] = False
     # the step needs the calibration stream (a LayerwiseRunner) in stream_layer
     needs_runner: ClassVar[bool] = False
+    # the step changes tensors outside the decoder layers (embeddings, final norm, lm_head); when
+    # none does, a streamed run keeps them in the checkpoint's dtype (less host memory)
+    modifies_outer: ClassVar[bool] = False
     # under torchrun the step splits its calibration windows over ranks (or has none); otherwise
     # every rank runs it on all windows (same result on every rank, no speed-up)
     data_parallel: ClassVar[bool] = False
 
     def apply(self, ctx) -> None:  # pragma: no cover - every registered step overrides it
         raise NotImplementedError
+
+    def stream_refusal(self) -> str | None:
+        """Why this configuration of the step cannot stream (None when it can)."""
+        if type(self).streams:
+            return None
+        return (
+            f"step `{self.step_name}` cannot run on a streamed model yet (it needs the whole model or a "
+            "second full-precision model); run without --stream (the model is then loaded into host "
+            "memory whole)"
+        )
 
     def stream_start(self, ctx) -> None:
         """The part before the first decoder layer (embeddings, head, run-time entries)."""
@@ -46,6 +59,25 @@ class StepConfig(Closed):
 
     def stream_end(self, ctx) -> None:
         """The part after the last decoder layer (records)."""
+
+    def stream_fp_layer(self, ctx, i: int, layer) -> None:
+        """Decoder layer ``i`` in full precision, in the quantized model's basis: called after the
+        steps that change the basis (``rotate``) and before the first weight-quantizing step has
+        touched it, for steps that read the full-precision model (``intactkv``'s pivot)."""
+
+    def stream_extra(self, ctx, i: int, layer) -> dict:
+        """Tensors of decoder layer ``i`` that go into a sidecar file rather than the weight shards
+        (low-rank factors, pivot K/V); saved with the layer's resume state."""
+        return {}
+
+    def stream_restore(self, ctx, tensors: dict) -> None:
+        """On ``--resume``: this step's :meth:`stream_extra` tensors of the finished layers, in order."""
+
+    def stream_sidecar(self, ctx, tensors: dict, folder) -> str | None:
+        """After the last layer: write the sidecar of the gathered :meth:`stream_extra` tensors into
+        ``folder`` and return its run-time feature name (the writer then skips it), or prepare the
+        model for the writer's own sidecar code and return None."""
+        return None
 
     def replay_on_reference(self, ref_ctx, ctx) -> None:
         """Re-apply this step's function-preserving part to a freshly loaded full-precision model.

@@ -107,6 +107,7 @@ class Rotate(StepConfig):
     )
 
     streams: ClassVar[bool] = True
+    modifies_outer: ClassVar[bool] = True
 
     def stream_start(self, ctx) -> None:
         """The global part: untie and fold the head norm, rotate embeddings and ``lm_head``."""

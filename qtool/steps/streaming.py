@@ -8,7 +8,8 @@ tensors are saved, and its memory is given back. The checkpoint is written shard
 end, sharded like the input, byte-identical to the in-memory path's export.
 
 Peak host memory: one decoder layer in the math dtype, the calibration activations, embeddings and
-``lm_head``, and one output shard while it is written.
+``lm_head`` (in the checkpoint's dtype unless a step changes them, e.g. ``rotate``: then in the math
+dtype), and one output shard while it is written.
 
 Resume: everything lives in ``.<output>.partial`` beside the output until the final rename. After
 each layer the driver saves that layer's exported tensors, the calibration activations entering the
@@ -49,7 +50,7 @@ from qtool.models.shards import ShardReader, shard_plan, write_shards
 from qtool.models.streaming import layers_prefix, load_skeleton, materialize_layer, release_layer
 from qtool.steps.base import Context
 from qtool.steps.layerwise import LayerwiseRunner
-from qtool.steps.registry import step_name
+from qtool.steps.registry import STEPS, step_name
 
 logger = logging.getLogger("qtool")
 STATE = ".qtool-state"
@@ -61,13 +62,11 @@ class StreamInterrupted(RuntimeError):
 
 def check_streamable(steps: list) -> None:
     """Refuse, before any work, a recipe with a step that cannot run layer by layer."""
-    bad = [step_name(s) for s in steps if not type(s).streams and step_name(s) != "export"]
-    if bad:
-        raise QtoolError(
-            f"step(s) {', '.join(bad)} cannot run on a streamed model yet (they need the whole model "
-            "or a second full-precision model); run without --stream (the model is then loaded into "
-            "host memory whole), or use rotate / rtn / gptq"
-        )
+    reasons = [s.stream_refusal() for s in steps if step_name(s) != "export"]
+    reasons = [r for r in reasons if r]
+    if reasons:
+        streams = ", ".join(sorted(n for n, c in STEPS.items() if c.streams and n != "export"))
+        raise QtoolError("; ".join(reasons) + f" (steps that stream: {streams})")
     runners = [step_name(s) for s in steps if type(s).needs_runner]
     if len(runners) > 1:
         raise QtoolError(
@@ -149,7 +148,8 @@ def run_streaming(
     output = check_output(output, overwrite)
     torch.manual_seed(recipe.seed)
     device = resolve_device(recipe.device)
-    model, tok = load_skeleton(path, reader, recipe.dtype)
+    keep_outer = not any(type(s).modifies_outer for s in others)
+    model, tok = load_skeleton(path, reader, recipe.dtype, keep_outer=keep_outer)
     prepare_model(model, recipe.scheme)
     ctx = Context(
         recipe=recipe, model=model, tokenizer=tok, device=device, output=output, overwrite=overwrite
@@ -194,6 +194,20 @@ def run_streaming(
     n_layers = len(get_adapter(model.config).layers(model))
     quantized: list[str] = list(saved["quantized"]) if saved else []
     keys: list[str] = list(saved["keys"]) if saved else []
+    # per step: [layer, key] of its sidecar tensors (stream_extra), in order
+    extras: dict[str, list] = {k: list(v) for k, v in saved["extras"].items()} if saved else {}
+
+    def gathered(name: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer_i, key in extras.get(name, []):
+            with safe_open(str(state.layer_file(layer_i)), "pt") as fh:
+                out[key] = fh.get_tensor(f"sidecar/{name}/{key}")
+        return out
+
+    if saved:
+        for step in others:
+            step.stream_restore(ctx, gathered(step_name(step)))
+    first_quant = next((k for k, s in enumerate(others) if type(s).quantizes_weights), len(others))
     summary = next((s for s in others if hasattr(s, "layer_summary")), None)
 
     for i in track(
@@ -202,8 +216,14 @@ def run_streaming(
         detail=(lambda: summary.layer_summary(ctx)) if summary else None,
     ):
         layer = materialize_layer(model, i, reader).to(device)
-        for step in others:
+        for k, step in enumerate(others):
+            if k == first_quant:
+                for s in others:
+                    s.stream_fp_layer(ctx, i, layer)
             step.stream_layer(ctx, runner, i, layer)
+        if first_quant == len(others):
+            for s in others:
+                s.stream_fp_layer(ctx, i, layer)
         if runner is not None:
             runner.advance(layer)
         mine = f"{prefix}{i}."
@@ -214,6 +234,11 @@ def run_streaming(
             n for n, m in layer.named_modules(prefix=mine[:-1]) if getattr(m, "qweight", None) is not None
         )
         keys += list(tensors)
+        for step in others:
+            name = step_name(step)
+            for key, t in step.stream_extra(ctx, i, layer).items():
+                tensors[f"sidecar/{name}/{key}"] = t.contiguous()
+                extras.setdefault(name, []).append([i, key])
         step_state = {
             name: {k: v for k, v in st.items() if k != "start"}
             for name, st in ctx.state.items()
@@ -227,6 +252,7 @@ def run_streaming(
                 "next_layer": i + 1,
                 "quantized": quantized,
                 "keys": keys,
+                "extras": extras,
                 "step_state": step_state,
                 "rng": torch.get_rng_state().tolist(),
             },
@@ -255,7 +281,8 @@ def run_streaming(
     for f in tmp.glob("*.safetensors"):  # shards of an earlier attempt at this last stage
         f.unlink()
     write_shards(tmp, plan, fetch)
-    write_metadata(ctx, tmp, export.format, sorted(quantized))
+    written = {step.stream_sidecar(ctx, gathered(step_name(step)), tmp) for step in others} - {None}
+    write_metadata(ctx, tmp, export.format, sorted(quantized), skip_sidecars=written)
     shutil.rmtree(state.dir)
     replace_folder(tmp, output)
     size = checkpoint_size(output)

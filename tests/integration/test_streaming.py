@@ -79,8 +79,19 @@ GPTQ = {"gptq": {"act_order": True, "mse_clip": True}}
         ([GPTQ], "W4A16"),
         (["rotate", GPTQ], "W4A4KV4"),
         (["rotate", {"rtn": {"mse_clip": True}}], "W4A4"),
+        (["rotate", {"lowrank": {"rank": 4, "act_order": True}}], "W4A4"),
+        (["rotate", GPTQ, {"intactkv": {"pivot": "bos"}}], "W4A4KV4"),
+        ([{"intactkv": {"pivot": "The quick brown fox"}}, "rtn"], "W4A4KV4"),
     ],
-    ids=["rtn", "gptq", "rotate+gptq", "rotate+rtn"],
+    ids=[
+        "rtn",
+        "gptq",
+        "rotate+gptq",
+        "rotate+rtn",
+        "rotate+lowrank",
+        "rotate+gptq+intactkv",
+        "intactkv-text+rtn",
+    ],
 )
 def test_streamed_checkpoint_is_byte_identical_and_sharded_like_the_input(sharded, tmp_path, steps, preset):
     r = recipe(sharded, steps, preset)
@@ -116,9 +127,39 @@ def test_a_stopped_run_resumes_to_the_same_bytes_and_refuses_a_changed_recipe(sh
     assert len(ctx.results["gptq"]["layer_errors"]) == 3 * 7  # the records of the earlier attempts are kept
 
 
+def test_a_stopped_lowrank_intactkv_run_resumes_to_the_same_bytes(sharded, tmp_path):
+    """The sidecar tensors (LoRA factors, pivot K/V and the pivot's hidden state) survive a resume."""
+    r = recipe(sharded, ["rotate", {"lowrank": {"rank": 4}}, "intactkv"], "W4A4KV4")
+    mem = tmp_path / "mem"
+    run_recipe(r, mem)
+    out = tmp_path / "resumed"
+    with pytest.raises(StreamInterrupted):
+        run_recipe(r, out, stream=True, stop_after=1)
+    ctx = run_recipe(r, out, stream=True)
+    same_files(mem, out)
+    assert {"adapter_model.safetensors", "intactkv_pivot.safetensors"} <= {p.name for p in out.iterdir()}
+    assert ctx.results["lowrank"]["extra_parameters"] > 0
+
+
+def test_keep_outer_loads_embeddings_in_the_checkpoint_dtype(sharded):
+    from qtool.models.shards import ShardReader
+    from qtool.models.streaming import load_skeleton
+
+    kept, _ = load_skeleton(sharded, ShardReader(sharded), "float32", keep_outer=True)
+    math, _ = load_skeleton(sharded, ShardReader(sharded), "float32")
+    assert kept.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert math.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(kept.model.embed_tokens.weight.float(), math.model.embed_tokens.weight)
+
+
 def test_steps_that_cannot_stream_are_refused_before_any_work(sharded, tmp_path):
-    for steps in (["rotate", {"lowrank": {"rank": 2}}], [GPTQ, "intactkv"], [{"clip_search": {}}, GPTQ]):
-        with pytest.raises(QtoolError, match="run without --stream"):
+    calibrated = {"intactkv": {"calibrate": {"steps": 1}}}
+    for steps, match in (
+        ([{"clip_search": {}}, GPTQ], "run without --stream"),
+        (["rotate", GPTQ, {"bisup": {}}], "run without --stream"),
+        ([GPTQ, calibrated], "cannot stream; run without --stream, or drop `calibrate`"),
+    ):
+        with pytest.raises(QtoolError, match=match):
             run_recipe(recipe(sharded, steps, "W4A4KV4"), tmp_path / "x", stream=True)
         assert not (tmp_path / "x").exists() and not partial_folder(tmp_path / "x").exists()
 
