@@ -15,7 +15,7 @@ What can differ with the number of ranks: the order in which the float64 statist
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as td
@@ -84,6 +84,24 @@ def broadcast(tensors: Sequence[torch.Tensor], src: int) -> None:
         return
     for t in tensors:
         td.broadcast(t, src)
+
+
+def solve_on_owner(
+    src: int,
+    solve: Callable[[], Sequence[torch.Tensor]],
+    like: Sequence[tuple[tuple[int, ...], torch.dtype]],
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """Run ``solve`` on rank ``src`` only and give its tensors to every rank. ``like``: the
+    ``(shape, dtype)`` of each result, known beforehand on every rank. Alone: ``solve()``."""
+    if not active():
+        return list(solve())
+    if rank() == src:
+        out = [t.to(device=device, dtype=dt).contiguous() for t, (_, dt) in zip(solve(), like, strict=True)]
+    else:
+        out = [torch.empty(shape, dtype=dt, device=device) for shape, dt in like]
+    broadcast(out, src)
+    return out
 
 
 def barrier() -> None:

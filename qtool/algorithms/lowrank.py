@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +138,14 @@ class LowRankStats:
         self.S_y += y.T @ y
         self.S_xy += x.T @ y
         self.n += x.shape[0]
+
+    def merged(self, total: Callable[[torch.Tensor], torch.Tensor]) -> LowRankStats:
+        """The statistics over the rows seen by every process: ``total`` sums a tensor over
+        processes in float64 (:func:`qtool.dist.sum_`)."""
+        out = LowRankStats()
+        out.n = int(total(torch.tensor([float(self.n)], dtype=torch.float64)).item())
+        out.S_x, out.S_y, out.S_xy = (total(t) for t in (self.S_x, self.S_y, self.S_xy))
+        return out
 
 
 @dataclass

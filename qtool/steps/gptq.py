@@ -75,27 +75,29 @@ class GPTQ(StepConfig):
             with capture_inputs(lins, add, stop=True):
                 runner.forward_all(layer)
             for k, (name, lin) in enumerate(lins.items()):
-                if not dist.active():
-                    res = self._solve(ctx, lin, hess[name].H, spec)
-                    lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
-                    st["errors"][f"layers.{i}.{name}"] = res.loss
-                    continue
                 # several ranks: the Hessian summed over every rank's windows; one owner solves
-                H = hess[name].merged(dist.sum_)
-                src = dist.owner(i + k)
-                if dist.rank() == src:
+                H = hess[name].merged(dist.sum_) if dist.active() else hess[name].H
+                m, d = lin.weight.shape
+                g = n_groups(d, spec)
+
+                def solve(lin=lin, H=H):
                     res = self._solve(ctx, lin, H, spec)
-                    codes, scale, zero, loss = res.codes, res.scale, res.zero, torch.tensor([float(res.loss)])
-                else:
-                    m, d = lin.weight.shape
-                    g = n_groups(d, spec)
-                    codes = torch.empty(m, d, dtype=torch.int8, device=lin.weight.device)
-                    scale = torch.empty(m, g, dtype=torch.float32, device=lin.weight.device)
-                    zero = torch.empty(m, g, dtype=torch.int8, device=lin.weight.device)
-                    loss = torch.empty(1, dtype=torch.float64)
-                codes, scale, zero = (t.to(lin.weight.device).contiguous() for t in (codes, scale, zero))
-                loss = loss.to(lin.weight.device, torch.float64)
-                dist.broadcast([codes, scale, zero, loss], src)
+                    return (
+                        res.codes,
+                        res.scale,
+                        res.zero,
+                        torch.tensor([float(res.loss)], dtype=torch.float64),
+                    )
+
+                like = [
+                    ((m, d), torch.int8),
+                    ((m, g), torch.float32),
+                    ((m, g), torch.int8),
+                    ((1,), torch.float64),
+                ]
+                codes, scale, zero, loss = dist.solve_on_owner(
+                    dist.owner(i + k), solve, like, lin.weight.device
+                )
                 lin.set_quantized(QuantizedWeight(codes, scale, zero, spec))
                 st["errors"][f"layers.{i}.{name}"] = float(loss)
 

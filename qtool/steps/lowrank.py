@@ -23,17 +23,20 @@ at the end, byte-identical to the in-memory run's.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from qtool import dist
 from qtool.algorithms.lowrank import LowRankStats, lowrank_solve, rank_for_fraction
 from qtool.errors import QtoolError
 from qtool.models.lora import lora_tensors, save_lora_tensors
 from qtool.models.qlinear import QuantizedWeight
 from qtool.models.streaming import layers_prefix
+from qtool.quant.quantizer import n_groups
 from qtool.steps import register
 from qtool.steps.layerwise import LayerwiseRunner, capture_inputs
 from qtool.steps.registry import StepConfig
@@ -54,6 +57,7 @@ class LowRank(StepConfig):
     """Quantize weights with GPTQ and fit a full-precision rank-k correction ``U V^T`` jointly."""
 
     quantizes_weights: ClassVar[bool] = True
+    data_parallel: ClassVar[bool] = True
 
     rank: int | None = Field(
         None, ge=0, description="absolute rank of every correction (or use rank_fraction)"
@@ -145,34 +149,57 @@ class LowRank(StepConfig):
 
             with capture_inputs(lins, add, stop=True):
                 runner.forward_all(layer)
-            for name, lin in lins.items():
+            if dist.active():  # sum every rank's statistics (float64) before the solves
+                stats = {key: st_.merged(dist.sum_) for key, st_ in stats.items()}
+            for j, (name, lin) in enumerate(lins.items()):
                 W = lin.weight.data.float()
-                k = self.rank_for(*W.shape) if name in corrected else 0
-                res = lowrank_solve(
-                    W,
-                    stats[keys[name]],
-                    spec,
-                    k,
-                    iterations=self.iterations,
-                    damp=self.damp,
-                    init=self.init,
-                    cross_shrink=self.cross_shrink,
-                    gptq_kwargs=gptq_kwargs,
+                m, d = W.shape
+                k = self.rank_for(m, d) if name in corrected else 0
+
+                def solve(W=W, k=k, lstats=stats[keys[name]]):
+                    res = lowrank_solve(
+                        W,
+                        lstats,
+                        spec,
+                        k,
+                        iterations=self.iterations,
+                        damp=self.damp,
+                        init=self.init,
+                        cross_shrink=self.cross_shrink,
+                        gptq_kwargs=gptq_kwargs,
+                    )
+                    obj = res.objective or [float("nan")]
+                    info = torch.tensor([obj[0], obj[-1], res.seconds], dtype=torch.float64)
+                    return res.codes, res.scale, res.zero, res.U, res.V, info
+
+                g = n_groups(d, spec)
+                like = [
+                    ((m, d), torch.int8),
+                    ((m, g), torch.float32),
+                    ((m, g), torch.int8),
+                    ((m, k), torch.float32),
+                    ((d, k), torch.float32),
+                    ((3,), torch.float64),
+                ]
+                # several ranks: linear j of the layer is solved by its owner and broadcast
+                codes, scale, zero, U, V, info = dist.solve_on_owner(
+                    dist.owner(i + j), solve, like, lin.weight.device
                 )
-                lin.set_quantized(QuantizedWeight(res.codes, res.scale, res.zero, spec))
+                lin.set_quantized(QuantizedWeight(codes, scale, zero, spec))
                 if k > 0:
                     dt = lin.weight.dtype
-                    U = res.U.to(ctx.scale_dtype).to(dt)
-                    V = res.V.to(ctx.scale_dtype).to(dt)
+                    U = U.to(ctx.scale_dtype).to(dt)
+                    V = V.to(ctx.scale_dtype).to(dt)
                     lin.set_lowrank(U, V)
                     st["extra"] += U.numel() + V.numel()
-                obj = res.objective
-                st["errors"][f"layers.{i}.{name}"] = obj[-1] if obj else None
+                first, last, seconds = (float(v) for v in info)
+                has_obj = not math.isnan(last)
+                st["errors"][f"layers.{i}.{name}"] = last if has_obj else None
                 st["linears"][f"layers.{i}.{name}"] = {
                     "rank": k,
-                    "objective_first": obj[0] if obj else None,
-                    "objective_last": obj[-1] if obj else None,
-                    "seconds": round(res.seconds, 3),
+                    "objective_first": first if has_obj else None,
+                    "objective_last": last if has_obj else None,
+                    "seconds": round(seconds, 3),
                 }
             del stats
 
@@ -216,7 +243,10 @@ class LowRank(StepConfig):
 
     def apply(self, ctx) -> None:
         self.stream_start(ctx)
-        runner = LayerwiseRunner(ctx, self.batch_size, self.offload)
+        runner = LayerwiseRunner(ctx, self.batch_size, self.offload, shard=True)
+        ctx.record(
+            "lowrank", {"ranks": dist.world(), "windows_this_rank": sum(x.shape[0] for x in runner.inputs)}
+        )
         runner.run(
             lambda i, layer: self.stream_layer(ctx, runner, i, layer),
             "lowrank",
