@@ -48,18 +48,15 @@ W-step therefore uses ``A + s * cross term`` with the positive-part Stein factor
 cross term removes, ``RSS`` = what is left; the classic shrinkage ``1 - 1/F`` of a regression's
 predictions toward zero), recomputed for each W-step's ``A``; a fixed ``cross_shrink`` in
 ``[0, 1]`` overrides it. Why a data-driven factor rather than a fixed ridge: the value of the
-cross term varies by orders of magnitude. Held-out error of the continuous W-step relative to no
-cross term, SmolLM2-135M layer 5 after rotation (A4 per-token clip 0.9; calibration 8/16/32 x 512,
-held out 8 x 512): down_proj (d = 1536) at 2.7 / 5.3 / 10.7 d tokens, full cross term 1.71 / 1.26 /
-1.10, ``auto`` (s = 0.23 / 0.31 / 0.39) 1.03 / 1.01 / 1.00, best fixed factor 1.00 / 1.00 / 0.99;
-q_proj (d = 576) at 7 / 14 / 28 d, full 1.06 / 0.98 / 0.94, ``auto`` 0.97 / 0.95 / 0.93 (the best
-fixed factor each time). A ridge ``c * tr(S_y) / n`` on the cross term (``c`` = 0.25-16) was
-worse on down_proj (c = 1: 1.13 / 1.10 / 1.06), and on synthetic rotated heavy-tailed layers
-(32 x 64, two dominant directions) where the cross term is worth 30-45% of the error, every ridge
-cost 10-25% while ``auto`` stayed within 1.3 points of the best factor. Whole solve (GPTQ without
-act-order, down_proj at 10.7 d, held out): rank 0 0.0308 -> 0.0297 (plain GPTQ 0.0300), rank
-fraction 0.1 0.0236 -> 0.0228, 0.3 0.0146 -> 0.0140; q_proj unchanged. Below ``10 d`` tokens the
-cross term cannot pay for itself, so :func:`lowrank_solve` also warns (once per ``(n, d)``).
+cross term varies by orders of magnitude between linears (worth a few percent of the error of a
+rotated down_proj, far more on heavy-tailed inputs), so any fixed ridge is too strong for some and
+too weak for others. Measured by ``python -m scripts.diagnostics.lowrank_heldout --calib
+32x512,128x512 --heldout 16x512`` (results/lowrank_heldout.md; SmolLM2-135M layer 5, rotated, W4
+per channel, A4 per token): down_proj at 32 x 512 tokens, held-out error against plain GPTQ,
+rank 0: the solver before (``init="zero"``, unshrunk) 5.8% worse, the default (closed-form start,
+``"auto"``) 0.3% better; rank fraction 0.1: 0.0% vs 22.5% better, 0.3: 8.9% vs 50.9% (q_proj:
+11.2% vs 36.0% at 0.1, 17.2% vs 62.7% at 0.3); calibration and held-out reductions stay within a
+few points of each other. Below ``10 d`` tokens the cross term cannot pay for itself, so :func:`lowrank_solve` also warns (once per ``(n, d)``).
 
 The reported objective is the exact calibration output error
 ``|W X - W^ Y - U V^T X|_F^2 = tr(A S_x A^T) - 2 tr(A S_xy W^^T) + tr(W^ S_y W^^T)`` with
