@@ -71,8 +71,6 @@ def run_recipe(
     if planted is not None and int(planted) == dist.rank():
         raise QtoolError(f"planted failure on rank {dist.rank()} (QTOOL_TEST_FAIL_RANK)")
     if stream:
-        if dist.world() > 1:
-            raise QtoolError("--stream runs in one process for now; run it without torchrun / --nproc")
         if not export:
             raise QtoolError("--stream writes the checkpoint as it goes: it needs an output folder")
         from qtool.steps.streaming import run_streaming

@@ -139,7 +139,11 @@ def save_pivot(pivot: PivotCache, path, dtype: torch.dtype = torch.bfloat16) -> 
         tensors[f"layers.{i}.key"] = k.detach().to(dtype).cpu().contiguous()
         tensors[f"layers.{i}.value"] = v.detach().to(dtype).cpu().contiguous()
     save_file(
-        tensors, str(path), metadata={"token_ids": json.dumps(list(pivot.token_ids)), "format": "qtool-pivot"}
+        # one metadata key: safetensors writes several in hash-map order, which differs between
+        # processes, and two exports of the same run must be byte-identical
+        tensors,
+        str(path),
+        metadata={"qtool_pivot": json.dumps({"token_ids": list(pivot.token_ids)})},
     )
 
 
@@ -151,4 +155,8 @@ def load_pivot(path) -> PivotCache:
         n = len({k.split(".")[1] for k in fh.keys()})
         keys = [fh.get_tensor(f"layers.{i}.key").float() for i in range(n)]
         values = [fh.get_tensor(f"layers.{i}.value").float() for i in range(n)]
-    return PivotCache(json.loads(meta["token_ids"]), keys, values)
+    if "qtool_pivot" in meta:
+        ids = json.loads(meta["qtool_pivot"])["token_ids"]
+    else:  # the two-key form earlier qtool builds wrote
+        ids = json.loads(meta["token_ids"])
+    return PivotCache(ids, keys, values)

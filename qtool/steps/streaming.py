@@ -16,6 +16,13 @@ each layer the driver saves that layer's exported tensors, the calibration activ
 next layer, the step records and the RNG state (``.qtool-state/``). Re-running the same command
 continues after the last finished layer; a changed recipe, model or calibration is refused with a
 message naming what changed. An interrupted run never leaves a half-written checkpoint at the output.
+
+Under torchrun every rank streams the same layer from the shards and pushes its own share of the
+calibration windows (the data-parallel steps, ``gptq`` and ``lowrank``, sum their statistics over
+ranks); each rank saves its activations (two generations, by layer parity), then rank 0 saves the
+layer's tensors and ``state.json`` once all have, so the state always names a layer whose
+activations every rank has. Rank 0 alone writes the checkpoint. A resume needs the same number of
+ranks (part of the fingerprint).
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qtool
+from qtool import dist
 from qtool.errors import QtoolError
 from qtool.export.writer import (
     check_format,
@@ -98,6 +108,7 @@ def fingerprint(
         "model": _digest(model),
         "calibration": "none" if calibration is None else _digest(calibration.cpu().numpy().tobytes()),
         "qtool": qtool.__version__,
+        "ranks": str(dist.world()),  # each rank's saved activations are its own share of the windows
     }
 
 
@@ -115,19 +126,33 @@ class StreamState:
     def layer_file(self, i: int) -> Path:
         return self.dir / f"layer-{i:05d}.safetensors"
 
-    def save_layer(self, i: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], inputs) -> None:
-        """Save layer ``i``'s exported tensors, the next layer's inputs and the run state, each
-        through a temporary name, so a crash at any point leaves the previous layer's state whole."""
+    def inputs_file(self, i: int) -> Path:
+        """This rank's calibration activations leaving layer ``i`` (two generations by parity, so the
+        files of the layer that ``state.json`` names are never the ones being overwritten)."""
+        return self.dir / f"inputs-rank{dist.rank():03d}-{i % 2}.safetensors"
+
+    def save_inputs(self, i: int, inputs) -> None:
+        stacked = {f"batch.{k:05d}": x.contiguous() for k, x in enumerate(inputs)}
+        tmp = self.inputs_file(i).with_suffix(".tmp")
+        save_file(stacked, str(tmp), metadata={"layer": str(i)})
+        tmp.replace(self.inputs_file(i))
+
+    def save_layer(self, i: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Save layer ``i``'s exported tensors and the run state, each through a temporary name, so a
+        crash at any point leaves the previous layer's state whole (rank 0 only)."""
         save_file(tensors, str(self.layer_file(i)), metadata={"format": "pt"})
-        if inputs is not None:
-            stacked = {f"batch.{k:05d}": x.contiguous() for k, x in enumerate(inputs)}
-            save_file(stacked, str(self.dir / "inputs.tmp"))
-            (self.dir / "inputs.tmp").replace(self.dir / "inputs.safetensors")
         (self.dir / "state.tmp").write_text(json.dumps(state))
         (self.dir / "state.tmp").replace(self.dir / "state.json")
 
-    def inputs(self) -> list[torch.Tensor]:
-        with safe_open(str(self.dir / "inputs.safetensors"), "pt") as fh:
+    def inputs(self, i: int) -> list[torch.Tensor]:
+        """This rank's activations leaving layer ``i`` (checked against the layer they belong to)."""
+        with safe_open(str(self.inputs_file(i)), "pt") as fh:
+            layer = (fh.metadata() or {}).get("layer")
+            if layer != str(i):
+                raise QtoolError(
+                    f"{self.inputs_file(i)} holds the activations of layer {layer}, not {i}; delete "
+                    f"{self.tmp} to start over"
+                )
             return [fh.get_tensor(k) for k in sorted(fh.keys())]
 
 
@@ -147,6 +172,10 @@ def run_streaming(
     reader = ShardReader(path)  # refuses pickle-only folders before anything is loaded
     output = check_output(output, overwrite)
     torch.manual_seed(recipe.seed)
+    kill = os.environ.get("QTOOL_TEST_KILL_AFTER_LAYER")  # test hook: "LAYER" or "LAYER:RANK", a real SIGKILL
+    kill_after = (
+        None if not kill else (int(kill.split(":")[0]), int(kill.split(":")[1]) if ":" in kill else 0)
+    )
     device = resolve_device(recipe.device)
     keep_outer = not any(type(s).modifies_outer for s in others)
     model, tok = load_skeleton(path, reader, recipe.dtype, keep_outer=keep_outer)
@@ -162,13 +191,15 @@ def run_streaming(
     saved = state.load()
     if saved is not None and saved["fingerprint"] != fp:
         changed = [k for k in fp if saved["fingerprint"].get(k) != fp[k]]
+        what = " and ".join("number of ranks" if k == "ranks" else k for k in changed)
         raise QtoolError(
-            f"{tmp} holds an interrupted run of a different {' and '.join(changed)}; "
-            f"re-run with the same recipe, model and calibration to resume, or delete {tmp} to start over"
+            f"{tmp} holds an interrupted run of a different {what}; re-run with the same recipe, model, "
+            f"calibration and number of processes to resume, or delete {tmp} to start over"
         )
-    if saved is None:
+    if saved is None and dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         state.dir.mkdir(parents=True)
+    dist.barrier()  # the other ranks write their activations into the folder rank 0 made
     start_layer = saved["next_layer"] if saved else 0
     if saved:
         logger.info("resuming %s at decoder layer %d (state in %s)", output, start_layer, tmp)
@@ -184,9 +215,10 @@ def run_streaming(
     runner = None
     if calibrated:
         batch = next(s.batch_size for s in others if type(s).needs_runner)
-        runner = LayerwiseRunner(ctx, batch, offload=True)
+        shard = all(type(s).data_parallel for s in others if type(s).needs_runner)
+        runner = LayerwiseRunner(ctx, batch, offload=True, shard=shard)
         if saved:
-            runner.inputs = state.inputs()
+            runner.inputs = state.inputs(start_layer - 1)
     if saved:
         for name, rec in saved["step_state"].items():
             ctx.state[name].update(rec)
@@ -244,28 +276,39 @@ def run_streaming(
             for name, st in ctx.state.items()
             if isinstance(st, dict) and "errors" in st
         }
-        state.save_layer(
-            i,
-            tensors,
-            {
-                "fingerprint": fp,
-                "next_layer": i + 1,
-                "quantized": quantized,
-                "keys": keys,
-                "extras": extras,
-                "step_state": step_state,
-                "rng": torch.get_rng_state().tolist(),
-            },
-            runner.inputs if runner is not None else None,
-        )
+        if runner is not None:  # every rank its own share, before rank 0 declares the layer done
+            state.save_inputs(i, runner.inputs)
+        dist.barrier()
+        if dist.is_main():
+            state.save_layer(
+                i,
+                tensors,
+                {
+                    "fingerprint": fp,
+                    "next_layer": i + 1,
+                    "quantized": quantized,
+                    "keys": keys,
+                    "extras": extras,
+                    "step_state": step_state,
+                    "rng": torch.get_rng_state().tolist(),
+                },
+            )
+        dist.barrier()
         del tensors
         release_layer(model, i)
         if stop_after is not None and i == stop_after:
             raise StreamInterrupted(f"stopped after layer {i} (test hook)")
+        if kill_after is not None and i == kill_after[0] and dist.rank() == kill_after[1]:
+            logger.warning("killing rank %d after layer %d (QTOOL_TEST_KILL_AFTER_LAYER)", dist.rank(), i)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     for step in others:
         step.stream_end(ctx)
         ctx.record(step_name(step), {"streamed": True})
+    ctx.results["quantize_seconds"] = time.perf_counter() - t0
+    if not dist.is_main():  # rank 0 alone writes the checkpoint; the others wait for it
+        dist.barrier()
+        return ctx
     glob_tensors = checkpoint_tensors(
         model, export.format, ctx.scale_dtype, select=lambda k: not k.startswith(prefix)
     )
@@ -287,6 +330,6 @@ def run_streaming(
     replace_folder(tmp, output)
     size = checkpoint_size(output)
     ctx.record("export", {"path": str(output), "format": export.format, **size})
-    ctx.results["quantize_seconds"] = time.perf_counter() - t0
     logger.info("export: wrote %s (%.1f MB), streamed layer by layer", output, size["bytes"] / 1e6)
+    dist.barrier()
     return ctx

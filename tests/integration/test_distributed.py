@@ -34,12 +34,13 @@ def quantize(
     env: dict | None = None,
     timeout: int = 240,
     kind: str = "gptq",
+    extra: tuple[str, ...] = (),
 ):
     recipe = tmp_path / f"{kind}.yaml"
     preset, steps = RECIPES[kind]
     recipe.write_text(RECIPE.format(model=model, preset=preset, steps=steps))
     cmd = [sys.executable, "-m", "qtool", "quantize", str(recipe), "--output", str(tmp_path / out)]
-    cmd += ["--json", str(tmp_path / f"{out}.json")]
+    cmd += ["--json", str(tmp_path / f"{out}.json"), *extra]
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "QTOOL_NO_PROGRESS": "1", **(env or {})}
@@ -101,3 +102,51 @@ def test_a_failure_on_one_rank_ends_every_rank(tiny_llama_dir, tmp_path):
     assert res.returncode != 0
     assert "planted failure on rank 1" in res.stdout + res.stderr
     assert not (tmp_path / "failed").exists()
+
+
+def test_a_two_rank_streamed_run_killed_on_rank_1_resumes_to_the_same_bytes(tiny_llama_dir, tmp_path):
+    """--stream under torchrun: every rank streams the same layer; rank 1 is SIGKILLed after layer 0
+    (torchrun then ends rank 0), and the same command resumes to the uninterrupted run's bytes."""
+    import filecmp
+
+    whole = quantize(tmp_path, tiny_llama_dir, "whole", 2, kind="rotate+gptq", extra=("--stream",))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = quantize(
+        tmp_path,
+        tiny_llama_dir,
+        "resumed",
+        2,
+        env={"QTOOL_TEST_KILL_AFTER_LAYER": "0:1"},
+        kind="rotate+gptq",
+        extra=("--stream",),
+    )
+    assert killed.returncode != 0
+    partial = tmp_path / ".resumed.partial" / ".qtool-state"
+    assert not (tmp_path / "resumed").exists()
+    assert json.loads((partial / "state.json").read_text())["next_layer"] == 1
+    assert sorted(p.name for p in partial.glob("inputs-rank*")) == [
+        "inputs-rank000-0.safetensors",
+        "inputs-rank001-0.safetensors",
+    ]
+    resumed = quantize(tmp_path, tiny_llama_dir, "resumed", 2, kind="rotate+gptq", extra=("--stream",))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "resumed").iterdir())
+    differ = [
+        n for n in names if not filecmp.cmp(tmp_path / "whole" / n, tmp_path / "resumed" / n, shallow=False)
+    ]
+    assert differ == [], differ
+    # a resume with another number of processes is refused, naming it
+    again = quantize(
+        tmp_path,
+        tiny_llama_dir,
+        "r3",
+        2,
+        env={"QTOOL_TEST_KILL_AFTER_LAYER": "0"},
+        kind="rotate+gptq",
+        extra=("--stream",),
+    )
+    assert again.returncode != 0
+    one = quantize(tmp_path, tiny_llama_dir, "r3", 1, kind="rotate+gptq", extra=("--stream",))
+    assert one.returncode == 1 and "number of ranks" in one.stdout + one.stderr

@@ -291,3 +291,29 @@ def test_learned_smoothing_is_never_worse_than_its_start_on_held_out_batches(tin
         a, b = learned.runtime["kv_smooth"]["layers"][i], stats.runtime["kv_smooth"]["layers"][i]
         for name in ("k_scale", "v_scale", "k_shift", "v_shift"):
             torch.testing.assert_close(torch.tensor(a[name]), torch.tensor(b[name]), rtol=1e-6, atol=1e-7)
+
+
+def test_pivot_file_has_one_metadata_key_and_old_files_still_load(tmp_path):
+    """safetensors writes several metadata keys in hash-map order (it differs between processes):
+    the pivot keeps one, so two exports of the same run are byte-identical; the older two-key form loads."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qtool.models.pivot import PivotCache, load_pivot, save_pivot
+
+    pivot = PivotCache([1, 7], [torch.randn(1, 2, 2, 4)], [torch.randn(1, 2, 2, 4)])
+    save_pivot(pivot, tmp_path / "p.safetensors")
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as fh:
+        assert list(fh.metadata()) == ["qtool_pivot"]
+    back = load_pivot(tmp_path / "p.safetensors")
+    assert back.token_ids == [1, 7]
+    torch.testing.assert_close(back.keys[0], pivot.keys[0].to(torch.bfloat16).float())
+    tensors = {"layers.0.key": pivot.keys[0], "layers.0.value": pivot.values[0]}
+    save_file(
+        tensors,
+        str(tmp_path / "old.safetensors"),
+        metadata={"token_ids": json.dumps([1, 7]), "format": "qtool-pivot"},
+    )
+    assert load_pivot(tmp_path / "old.safetensors").token_ids == [1, 7]
