@@ -63,17 +63,24 @@ class GPTQ(StepConfig):
         spec = ctx.weight_spec("gptq")
         st = ctx.state["gptq"]
         st["last"] = i
-        for group in ctx.sequential_groups(self.true_sequential):
+        groups = ctx.sequential_groups(self.true_sequential)
+        stages = runner.staged(layer, groups)  # each part of the layer computed once (bit-identical)
+        for g, group in enumerate(groups):
             lins = ctx.pending({n: runner.adapter.linear(layer, n) for n in group})
             if not lins:
+                if stages is not None:
+                    stages.capture(g, None)
                 continue
             hess = {n: HessianAccumulator() for n in lins}
 
             def add(name, x, hess=hess, lins=lins):
                 hess[name].add(hessian_input(lins[name], x, self.hessian_on_quantized_inputs))
 
-            with capture_inputs(lins, add, stop=True):
-                runner.forward_all(layer)
+            if stages is not None:
+                stages.capture(g, add, list(lins))
+            else:
+                with capture_inputs(lins, add, stop=True):
+                    runner.forward_all(layer)
             for k, (name, lin) in enumerate(lins.items()):
                 # several ranks: the Hessian summed over every rank's windows; one owner solves
                 H = hess[name].merged(dist.sum_) if dist.active() else hess[name].H

@@ -51,6 +51,7 @@ class LayerwiseRunner:
                 for i in range(0, ids.shape[0], batch_size)
             ]
         self.fp_inputs = [x.clone() for x in self.inputs] if fp_stream else None
+        self._staged: StagedPass | None = None  # the last layer's finished staged pass
         seq = ids.shape[1]
         pos = torch.arange(seq, device=self.device)[None]
         rotary = self.adapter.rotary(self.model).to(self.device)
@@ -80,10 +81,23 @@ class LayerwiseRunner:
             except StopForward:
                 pass
 
+    def staged(self, layer: nn.Module, groups) -> StagedPass | None:
+        """A :class:`StagedPass` over ``layer`` when ``groups`` are the adapter's four
+        true-sequential groups of a Llama-structure decoder layer, else None (use
+        :meth:`forward_all` with :func:`capture_inputs`)."""
+        if tuple(tuple(g) for g in groups) != STAGED_GROUPS or type(layer).__name__ not in STAGED_LAYERS:
+            return None
+        return StagedPass(self, layer)
+
     @torch.no_grad()
     def advance(self, layer: nn.Module, fp_layer: nn.Module | None = None) -> None:
-        """Replace the stored inputs by ``layer``'s outputs (and the fp stream's by ``fp_layer``'s)."""
-        self.inputs = [self.run_layer(layer, x).to(self.store) for x in self.inputs]
+        """Replace the stored inputs by ``layer``'s outputs (and the fp stream's by ``fp_layer``'s);
+        a finished :class:`StagedPass` over ``layer`` hands over the outputs it already computed."""
+        staged, self._staged = self._staged, None
+        if staged is not None and staged.layer is layer and staged.stage == len(STAGED_GROUPS):
+            self.inputs = staged.outputs()
+        else:
+            self.inputs = [self.run_layer(layer, x).to(self.store) for x in self.inputs]
         if self.fp_inputs is not None and fp_layer is not None:
             self.fp_inputs = [self.run_layer(fp_layer, x).to(self.store) for x in self.fp_inputs]
 
@@ -106,6 +120,127 @@ class LayerwiseRunner:
                 layers[i].to("cpu")
                 if fp_layer is not None:
                     fp_layer.to("cpu")
+
+
+STAGED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# decoder layers whose forward is exactly: h1 = x + attn(norm1(x)); out = h1 + mlp(norm2(h1)),
+# mlp(c) = down(act(gate(c)) * up(c)) (transformers' Llama, Mistral, Qwen2)
+STAGED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+# the down_proj inputs of a layer are kept for the final step when they take at most this share of
+# the available host memory; otherwise they are recomputed from the gate/up stage (same values)
+KEEP_DOWN_INPUTS_SHARE = 0.25
+
+
+class StagedPass:
+    """A decoder layer's calibration passes, one true-sequential group at a time, each part of the
+    layer computed once.
+
+    The classic passes (:meth:`LayerwiseRunner.forward_all` with a stopping
+    :func:`capture_inputs`) re-run the layer from its input for every group and once more to
+    advance: about 2.4 layer forwards for a Llama layer. Here each stage starts from what the stage
+    before kept, computed with the group before it already quantized:
+
+    * ``q/k/v``: ``a = norm1(x)`` (not kept: a norm is cheap);
+    * ``o``: ``b`` = the attention output entering ``o_proj`` (kept);
+    * ``gate/up``: ``h1 = x + o_proj(b)`` (kept), ``c = norm2(h1)``;
+    * ``down``: ``d = act(gate(c)) * up(c)`` (kept when it fits :data:`KEEP_DOWN_INPUTS_SHARE` of
+      the available memory, else recomputed at the end);
+    * outputs ``h1 + down_proj(d)``, computed by :meth:`LayerwiseRunner.advance` once down_proj
+      is quantized.
+
+    The same modules run the same operations on the same tensors as the layer's own forward, so
+    every Hessian, code and output is bit-identical to the classic passes (tested); about one
+    layer forward in all (1.4 when ``d`` is recomputed). Extra memory: two hidden-size activations
+    of every window (``b`` then ``h1``), plus ``d`` when kept (intermediate size).
+    """
+
+    def __init__(self, runner: LayerwiseRunner, layer: nn.Module) -> None:
+        self.runner, self.layer, self.stage = runner, layer, 0
+        self.attn, self.mlp = layer.self_attn, layer.mlp
+        self.kept: list[torch.Tensor] | None = None  # b, then h1
+        self.down_in: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def capture(self, group: int, fn: Callable[[str, torch.Tensor], None] | None, names=()) -> None:
+        """Compute stage ``group`` (0-3, in order) for every batch; ``fn(name, x)`` gets the input of
+        each linear in ``names`` (the group's linears still to quantize)."""
+        if group != self.stage:
+            raise RuntimeError(f"stages run in order: expected {self.stage}, got {group}")
+        r, dev = self.runner, self.runner.device
+        layer, attn, mlp = self.layer, self.attn, self.mlp
+        new: list[torch.Tensor] = []
+        for k, x in enumerate(r.inputs):
+            x = x.to(dev)
+            if group == 0:
+                out = layer.input_layernorm(x)
+            elif group == 1:
+                got: list[torch.Tensor] = []
+                hook = attn.o_proj.register_forward_pre_hook(lambda m, a, got=got: _stop(got, a[0]))
+                try:
+                    attn(hidden_states=layer.input_layernorm(x), position_embeddings=r.position_embeddings)
+                except StopForward:
+                    pass
+                finally:
+                    hook.remove()
+                out = got[0]
+                new.append(out.to(r.store))
+            elif group == 2:
+                h1 = x + attn.o_proj(self.kept[k].to(dev))
+                out = layer.post_attention_layernorm(h1)
+                new.append(h1.to(r.store))
+            else:
+                c = layer.post_attention_layernorm(self.kept[k].to(dev))
+                out = mlp.act_fn(mlp.gate_proj(c)) * mlp.up_proj(c)
+                new.append(out.to(r.store))
+            if fn is not None:
+                for name in names:
+                    fn(name, out)
+        if group == 1 or group == 2:
+            self.kept = new
+        elif group == 3:
+            self.down_in = new if self._keep_down(new) else None
+        self.stage += 1
+        if group == 3:
+            r._staged = self  # advance() finishes the layer from here, once down_proj is quantized
+
+    def _keep_down(self, d: list[torch.Tensor]) -> bool:
+        size = sum(t.numel() * t.element_size() for t in d)
+        return size <= KEEP_DOWN_INPUTS_SHARE * _available_bytes(self.runner.store)
+
+    @torch.no_grad()
+    def outputs(self) -> list[torch.Tensor]:
+        """The layer's outputs ``h1 + down_proj(d)`` (down_proj as it is now: quantized)."""
+        r, dev, mlp = self.runner, self.runner.device, self.mlp
+        out = []
+        for k, h1 in enumerate(self.kept):
+            h1 = h1.to(dev)
+            if self.down_in is not None:
+                d = self.down_in[k].to(dev)
+            else:
+                c = self.layer.post_attention_layernorm(h1)
+                d = mlp.act_fn(mlp.gate_proj(c)) * mlp.up_proj(c)
+            out.append((h1 + mlp.down_proj(d)).to(r.store))
+        self.kept = self.down_in = None
+        return out
+
+
+def _stop(got: list, x: torch.Tensor):
+    got.append(x)
+    raise StopForward
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class StopForward(Exception):

@@ -133,9 +133,13 @@ class LowRank(StepConfig):
             "mse_clip": self.mse_clip,
             "scale_dtype": ctx.scale_dtype,
         }
-        for group in ctx.sequential_groups(self.true_sequential):
+        groups = ctx.sequential_groups(self.true_sequential)
+        stages = runner.staged(layer, groups)  # each part of the layer computed once (bit-identical)
+        for g, group in enumerate(groups):
             lins = ctx.pending({n: runner.adapter.linear(layer, n) for n in group})
             if not lins:
+                if stages is not None:
+                    stages.capture(g, None)
                 continue
             keys = {n: _share_key(n, m, group, lins) for n, m in lins.items()}
             stats = {k: LowRankStats() for k in set(keys.values())}
@@ -147,8 +151,11 @@ class LowRank(StepConfig):
                 xt = lin.prepare_input(x)
                 stats[name].add(xt, lin.quantize_input(xt))
 
-            with capture_inputs(lins, add, stop=True):
-                runner.forward_all(layer)
+            if stages is not None:
+                stages.capture(g, add, list(lins))
+            else:
+                with capture_inputs(lins, add, stop=True):
+                    runner.forward_all(layer)
             if dist.active():  # sum every rank's statistics (float64) before the solves
                 stats = {key: st_.merged(dist.sum_) for key, st_ in stats.items()}
             for j, (name, lin) in enumerate(lins.items()):
