@@ -20,7 +20,7 @@ from qtool.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qtool.models.qlinear import QuantizedWeight
 from qtool.quant.quantizer import n_groups
 from qtool.steps import register
-from qtool.steps.layerwise import LayerwiseRunner, capture_inputs
+from qtool.steps.layerwise import LayerwiseRunner, capture_inputs, share_key
 from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
@@ -71,19 +71,26 @@ class GPTQ(StepConfig):
                 if stages is not None:
                     stages.capture(g, None)
                 continue
-            hess = {n: HessianAccumulator() for n in lins}
+            # linears reading the same input alike (q/k/v, gate/up) share one Hessian
+            keys = {n: share_key(n, m, group, lins) for n, m in lins.items()}
+            acc = {key: HessianAccumulator() for key in set(keys.values())}
+            hess = {n: acc[keys[n]] for n in lins}
 
-            def add(name, x, hess=hess, lins=lins):
-                hess[name].add(hessian_input(lins[name], x, self.hessian_on_quantized_inputs))
+            def add(name, x, keys=keys, acc=acc, lins=lins):
+                if keys[name] == name:
+                    acc[name].add(hessian_input(lins[name], x, self.hessian_on_quantized_inputs))
 
             if stages is not None:
                 stages.capture(g, add, list(lins))
             else:
                 with capture_inputs(lins, add, stop=True):
                     runner.forward_all(layer)
+            merged: dict[str, torch.Tensor] = {}
             for k, (name, lin) in enumerate(lins.items()):
                 # several ranks: the Hessian summed over every rank's windows; one owner solves
-                H = hess[name].merged(dist.sum_) if dist.active() else hess[name].H
+                if dist.active() and keys[name] not in merged:
+                    merged[keys[name]] = acc[keys[name]].merged(dist.sum_)
+                H = merged[keys[name]] if dist.active() else hess[name].H
                 m, d = lin.weight.shape
                 g = n_groups(d, spec)
 

@@ -243,6 +243,14 @@ def _available_bytes(device: torch.device) -> int:
     return 0
 
 
+def share_key(name: str, lin, group: tuple[str, ...], lins: dict) -> str:
+    """Linears of one group read the same tensor; share statistics when they see it alike."""
+    first = next(n for n in group if n in lins)
+    ref = lins[first]
+    same = lin.input_transform is None and ref.input_transform is None and lin.act_spec == ref.act_spec
+    return first if same else name
+
+
 class StopForward(Exception):
     """Raised by a capture hook to end a calibration forward once its inputs are captured."""
 

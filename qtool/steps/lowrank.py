@@ -38,18 +38,10 @@ from qtool.models.qlinear import QuantizedWeight
 from qtool.models.streaming import layers_prefix
 from qtool.quant.quantizer import n_groups
 from qtool.steps import register
-from qtool.steps.layerwise import LayerwiseRunner, capture_inputs
+from qtool.steps.layerwise import LayerwiseRunner, capture_inputs, share_key
 from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
-
-
-def _share_key(name: str, lin, group: tuple[str, ...], lins: dict) -> str:
-    """Linears of one group read the same tensor; share statistics when they see it alike."""
-    first = next(n for n in group if n in lins)
-    ref = lins[first]
-    same = lin.input_transform is None and ref.input_transform is None and lin.act_spec == ref.act_spec
-    return first if same else name
 
 
 @register("lowrank")
@@ -141,7 +133,7 @@ class LowRank(StepConfig):
                 if stages is not None:
                     stages.capture(g, None)
                 continue
-            keys = {n: _share_key(n, m, group, lins) for n, m in lins.items()}
+            keys = {n: share_key(n, m, group, lins) for n, m in lins.items()}
             stats = {k: LowRankStats() for k in set(keys.values())}
 
             def add(name, x, keys=keys, lins=lins, stats=stats):

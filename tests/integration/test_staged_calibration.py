@@ -1,5 +1,6 @@
-"""The staged calibration pass (each part of a decoder layer computed once per group) gives
-bit-identical checkpoints to the classic passes (the layer re-run from its input for every group)."""
+"""The staged calibration pass (each part of a decoder layer computed once per group) and the shared
+Hessians of linears reading the same input give bit-identical checkpoints to the classic passes
+(the layer re-run from its input for every group, one Hessian per linear)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from qtool.api import run_recipe
 from qtool.recipe import Recipe
-from qtool.steps import layerwise
+from qtool.steps import gptq, layerwise, lowrank
 from qtool.steps.layerwise import LayerwiseRunner
 
 CASES = {
@@ -49,6 +50,9 @@ def test_staged_pass_writes_the_same_bytes_as_the_classic_passes(tiny_llama_dir,
     monkeypatch.setattr(layerwise, "KEEP_DOWN_INPUTS_SHARE", 0.0)  # down_proj inputs recomputed at the end
     recomputed = quantize(tiny_llama_dir, tmp_path, "recomputed", preset, steps)
     monkeypatch.setattr(LayerwiseRunner, "staged", lambda self, layer, groups: None)
+    # and without sharing one Hessian / one set of statistics among q/k/v and gate/up
+    monkeypatch.setattr(gptq, "share_key", lambda name, lin, group, lins: name)
+    monkeypatch.setattr(lowrank, "share_key", lambda name, lin, group, lins: name)
     classic = quantize(tiny_llama_dir, tmp_path, "classic", preset, steps)
     for other in (staged, recomputed):
         names = sorted(p.name for p in classic.iterdir())
