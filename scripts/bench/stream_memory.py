@@ -95,7 +95,12 @@ def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None, loa
             text=True,
             env=env,
         )
-        res["load_check"] = "ok" if ev.returncode == 0 else f"failed: {ev.stderr.strip().splitlines()[-1:]}"
+        res["load_check"] = (
+            "ok"
+            if ev.returncode == 0
+            else f"failed (exit {ev.returncode}{', killed' if ev.returncode < 0 else ''}): "
+            f"{ev.stderr.strip().splitlines()[-1:]}"
+        )
         ppl = re.search(r"ppl[^0-9]*([0-9.]+)", ev.stdout)
         res["load_check_ppl"] = float(ppl.group(1)) if ppl else None
     return res
