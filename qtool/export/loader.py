@@ -18,7 +18,7 @@ import torch
 from qtool.errors import QtoolError
 from qtool.models.loading import DTYPES, resolve_device
 from qtool.models.qlinear import QuantizedWeight
-from qtool.models.shards import ShardReader
+from qtool.models.shards import LazyTensors, ShardReader
 from qtool.quant.packing import unpack_gptq, unpack_int4, unpack_int4_dim0
 
 logger = logging.getLogger("qtool")
@@ -79,7 +79,7 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "aut
         runtime.setdefault("lowrank", {})
     rebuild_features(model, runtime)
     reader = ShardReader(path)
-    tensors = {k: reader.tensor(k) for k in reader.keys()}
+    tensors = LazyTensors(reader)  # each tensor read when installed, then dropped
     fmt = meta["format"]
     wspec = scheme.weights.spec() if scheme.weights else None
     quantized = set(meta.get("quantized_modules", []))
@@ -103,7 +103,8 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "aut
         raise QtoolError(
             f"{path}: checkpoint has {len(unexpected)} tensors the model lacks, e.g. {sorted(unexpected)[:3]}"
         )
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(dict(tensors), strict=False)  # what is left: embeddings, norms, head
+    reader.close()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     # on the target device first, so runtime loaders place their state beside the weights

@@ -16,7 +16,7 @@ write byte-identical files.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 
 import torch
@@ -85,6 +85,33 @@ class ShardReader:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class LazyTensors(MutableMapping):
+    """The tensors of a :class:`ShardReader` as a mapping that reads each one when it is asked for:
+    a loader that pops each linear's tensors as it installs them never holds the whole checkpoint
+    (a 7B model's packed codes are 3.3 GB)."""
+
+    def __init__(self, reader: ShardReader) -> None:
+        self.reader = reader
+        self._keys = dict.fromkeys(reader.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self.reader.tensor(key)
+
+    def __setitem__(self, key: str, value) -> None:  # pragma: no cover - read-only by design
+        raise TypeError("LazyTensors is read-only")
+
+    def __delitem__(self, key: str) -> None:
+        del self._keys[key]
+
+    def __iter__(self):
+        return iter(list(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def source_key(key: str) -> str:
