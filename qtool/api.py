@@ -14,6 +14,7 @@ import torch
 import qtool
 from qtool import dist
 from qtool.errors import QtoolError
+from qtool.log import trim_heap
 from qtool.models.loading import is_qtool_checkpoint, load_hf_model, resolve_device
 from qtool.recipe import Recipe, load_recipe, step_name
 
@@ -95,6 +96,7 @@ def run_recipe(
             raise QtoolError(f"step `{step_name(step)}`: {exc}") from None
         # any other exception is a bug: it propagates with its traceback
         ctx.record(step_name(step), {"seconds": round(time.perf_counter() - t0, 3)})
+        trim_heap()  # a step's freed temporaries would otherwise stay resident (fragmentation)
     ctx.results["quantize_seconds"] = time.perf_counter() - start
     dist.barrier()  # every rank leaves together, after rank 0 wrote the checkpoint
     ctx.model.to(device)  # layer-wise steps may have left layers offloaded to the CPU

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -102,3 +103,14 @@ def track(
         for item in items:
             yield item
             bar.advance(task)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc). Without it a layer-by-layer run's resident
+    memory grows with fragmentation (measured: about 1.5 MB per 1.2 MB layer) although every layer
+    is freed, and a step's freed temporaries stay resident (SmolLM2's rotation: 0.5 GB of float64
+    temporaries); with it, it stays flat. A no-op where glibc is not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

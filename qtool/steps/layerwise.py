@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from qtool import dist
-from qtool.log import track
+from qtool.log import track, trim_heap
 from qtool.models.adapters import get_adapter
 
 logger = logging.getLogger("qtool")
@@ -98,6 +98,7 @@ class LayerwiseRunner:
             self.inputs = staged.outputs()
         else:
             self.inputs = [self.run_layer(layer, x).to(self.store) for x in self.inputs]
+        trim_heap()
         if self.fp_inputs is not None and fp_layer is not None:
             self.fp_inputs = [self.run_layer(fp_layer, x).to(self.store) for x in self.fp_inputs]
 
@@ -150,12 +151,14 @@ class StagedPass:
 
     The same modules run the same operations on the same tensors as the layer's own forward, so
     every Hessian, code and output is bit-identical to the classic passes (tested); about one
-    layer forward in all (1.4 when ``d`` is recomputed). Extra memory: two hidden-size activations
-    of every window (``b`` then ``h1``), plus ``d`` when kept (intermediate size).
+    layer forward in all (1.4 when ``d`` is recomputed). Memory: the layer's inputs are dropped once
+    ``h1`` is computed, so it holds one more hidden-size activation of every window than the
+    classic passes while ``b`` is alive, plus ``d`` when kept (intermediate size).
     """
 
     def __init__(self, runner: LayerwiseRunner, layer: nn.Module) -> None:
         self.runner, self.layer, self.stage = runner, layer, 0
+        self.batches = len(runner.inputs)
         self.attn, self.mlp = layer.self_attn, layer.mlp
         self.kept: list[torch.Tensor] | None = None  # b, then h1
         self.down_in: list[torch.Tensor] | None = None
@@ -169,8 +172,8 @@ class StagedPass:
         r, dev = self.runner, self.runner.device
         layer, attn, mlp = self.layer, self.attn, self.mlp
         new: list[torch.Tensor] = []
-        for k, x in enumerate(r.inputs):
-            x = x.to(dev)
+        for k in range(self.batches):
+            x = r.inputs[k].to(dev) if group < 3 else None
             if group == 0:
                 out = layer.input_layernorm(x)
             elif group == 1:
@@ -186,6 +189,7 @@ class StagedPass:
                 new.append(out.to(r.store))
             elif group == 2:
                 h1 = x + attn.o_proj(self.kept[k].to(dev))
+                self.kept[k] = None  # b of this batch is used up
                 out = layer.post_attention_layernorm(h1)
                 new.append(h1.to(r.store))
             else:
@@ -197,6 +201,8 @@ class StagedPass:
                     fn(name, out)
         if group == 1 or group == 2:
             self.kept = new
+        if group == 2:  # the layer's inputs are used up: h1 replaces them
+            r.inputs = []
         elif group == 3:
             self.down_in = new if self._keep_down(new) else None
         self.stage += 1
@@ -212,10 +218,10 @@ class StagedPass:
         """The layer's outputs ``h1 + down_proj(d)`` (down_proj as it is now: quantized)."""
         r, dev, mlp = self.runner, self.runner.device, self.mlp
         out = []
-        for k, h1 in enumerate(self.kept):
-            h1 = h1.to(dev)
+        for k in range(self.batches):
+            h1, self.kept[k] = self.kept[k].to(dev), None  # free each batch's h1 and d once used
             if self.down_in is not None:
-                d = self.down_in[k].to(dev)
+                d, self.down_in[k] = self.down_in[k].to(dev), None
             else:
                 c = self.layer.post_attention_layernorm(h1)
                 d = mlp.act_fn(mlp.gate_proj(c)) * mlp.up_proj(c)
