@@ -20,7 +20,7 @@ from qtool.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qtool.models.qlinear import QuantizedWeight
 from qtool.quant.quantizer import n_groups
 from qtool.steps import register
-from qtool.steps.layerwise import LayerwiseRunner, capture_inputs, share_key
+from qtool.steps.layerwise import apply_layerwise, capture_inputs, share_key
 from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
@@ -143,14 +143,4 @@ class GPTQ(StepConfig):
         logger.info("gptq: %d linears in %.1fs", len(st["errors"]), seconds)
 
     def apply(self, ctx) -> None:
-        self.stream_start(ctx)
-        runner = LayerwiseRunner(ctx, self.batch_size, self.offload, shard=True)
-        ctx.record(
-            "gptq", {"ranks": dist.world(), "windows_this_rank": sum(x.shape[0] for x in runner.inputs)}
-        )
-        runner.run(
-            lambda i, layer: self.stream_layer(ctx, runner, i, layer),
-            "gptq",
-            detail=lambda: self.layer_summary(ctx),
-        )
-        self.stream_end(ctx)
+        apply_layerwise(self, ctx)

@@ -257,6 +257,22 @@ def share_key(name: str, lin, group: tuple[str, ...], lins: dict) -> str:
     return first if same else name
 
 
+def apply_layerwise(step, ctx) -> None:
+    """``apply`` of a calibrated step that streams (``gptq``, ``lowrank``): ``stream_start``, each
+    decoder layer of the in-memory model through a data-parallel :class:`LayerwiseRunner`
+    (``stream_layer``, progress lines with the step's ``layer_summary``), ``stream_end``."""
+    name = type(step).step_name
+    step.stream_start(ctx)
+    runner = LayerwiseRunner(ctx, step.batch_size, step.offload, shard=True)
+    ctx.record(name, {"ranks": dist.world(), "windows_this_rank": sum(x.shape[0] for x in runner.inputs)})
+    runner.run(
+        lambda i, layer: step.stream_layer(ctx, runner, i, layer),
+        name,
+        detail=lambda: step.layer_summary(ctx),
+    )
+    step.stream_end(ctx)
+
+
 class StopForward(Exception):
     """Raised by a capture hook to end a calibration forward once its inputs are captured."""
 

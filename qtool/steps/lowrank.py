@@ -38,7 +38,7 @@ from qtool.models.qlinear import QuantizedWeight
 from qtool.models.streaming import layers_prefix
 from qtool.quant.quantizer import n_groups
 from qtool.steps import register
-from qtool.steps.layerwise import LayerwiseRunner, capture_inputs, share_key
+from qtool.steps.layerwise import apply_layerwise, capture_inputs, share_key
 from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
@@ -241,14 +241,4 @@ class LowRank(StepConfig):
         )
 
     def apply(self, ctx) -> None:
-        self.stream_start(ctx)
-        runner = LayerwiseRunner(ctx, self.batch_size, self.offload, shard=True)
-        ctx.record(
-            "lowrank", {"ranks": dist.world(), "windows_this_rank": sum(x.shape[0] for x in runner.inputs)}
-        )
-        runner.run(
-            lambda i, layer: self.stream_layer(ctx, runner, i, layer),
-            "lowrank",
-            detail=lambda: self.layer_summary(ctx),
-        )
-        self.stream_end(ctx)
+        apply_layerwise(self, ctx)
