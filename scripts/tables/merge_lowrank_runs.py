@@ -3,7 +3,8 @@
     python -m scripts.tables.merge_lowrank_runs --out table_lowrank_bisup32 results/lr32_a.json results/lr32_b.json
 
 Every input must have the same protocol (model, seq len, windows, calibration); rows copied from
-another run (``reused_from``) are skipped, a label present twice is an error. Rows are ordered as
+another run (``reused_from``) are skipped, except the FP row (it does not calibrate; it keeps its
+``reused_from`` mark), a label present twice is an error. Rows are ordered as
 the table script lists them; the gap closed is recomputed against each row's baseline. No number
 is computed here: every ppl comes from the input files.
 """
@@ -34,6 +35,9 @@ ORDER = [
     "W3A3-g128 rotate + GPTQ",
     "W3A3-g128 rotate + GPTQ + bisup",
 ]
+# the W4A4 (16-bit KV) rows go right after FP
+A4 = "W4A4 rotate + GPTQ"
+ORDER[1:1] = [A4] + [f"{A4} + lowrank {f} ({it} it)" for it in (1, 3) for f in ("0.1", "0.3")]
 PROTOCOL = ("model", "seq_len", "windows", "calibration", "prefix")
 
 
@@ -50,7 +54,7 @@ def main() -> int:
         elif any(d["meta"].get(k) != meta.get(k) for k in PROTOCOL):
             raise SystemExit(f"{path}: a different protocol from {args.inputs[0]} ({PROTOCOL})")
         for r in d["rows"]:
-            if r.get("reused_from"):
+            if r.get("reused_from") and r["steps"]:
                 continue
             if any(isinstance(s, dict) and "bisup" in s for s in r["steps"]):
                 bisup[path.name] = d["meta"]["bisup"]
