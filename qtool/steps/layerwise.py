@@ -180,7 +180,11 @@ class StagedPass:
                 got: list[torch.Tensor] = []
                 hook = attn.o_proj.register_forward_pre_hook(lambda m, a, got=got: _stop(got, a[0]))
                 try:
-                    attn(hidden_states=layer.input_layernorm(x), position_embeddings=r.position_embeddings)
+                    attn(
+                        hidden_states=layer.input_layernorm(x),
+                        position_embeddings=r.position_embeddings,
+                        attention_mask=None,
+                    )
                 except StopForward:
                     pass
                 finally:
