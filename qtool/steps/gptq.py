@@ -20,7 +20,7 @@ from qtool.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qtool.models.qlinear import QuantizedWeight
 from qtool.quant.quantizer import n_groups
 from qtool.steps import register
-from qtool.steps.layerwise import apply_layerwise, capture_inputs, share_key
+from qtool.steps.layerwise import apply_layerwise, calibrate_groups
 from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
@@ -63,34 +63,18 @@ class GPTQ(StepConfig):
         spec = ctx.weight_spec("gptq")
         st = ctx.state["gptq"]
         st["last"] = i
-        groups = ctx.sequential_groups(self.true_sequential)
-        stages = runner.staged(layer, groups)  # each part of the layer computed once (bit-identical)
-        for g, group in enumerate(groups):
-            lins = ctx.pending({n: runner.adapter.linear(layer, n) for n in group})
-            if not lins:
-                if stages is not None:
-                    stages.capture(g, None)
-                continue
-            # linears reading the same input alike (q/k/v, gate/up) share one Hessian
-            keys = {n: share_key(n, m, group, lins) for n, m in lins.items()}
-            acc = {key: HessianAccumulator() for key in set(keys.values())}
-            hess = {n: acc[keys[n]] for n in lins}
 
-            def add(name, x, keys=keys, acc=acc, lins=lins):
-                if keys[name] == name:
-                    acc[name].add(hessian_input(lins[name], x, self.hessian_on_quantized_inputs))
+        def add(lin, acc, x):
+            acc.add(hessian_input(lin, x, self.hessian_on_quantized_inputs))
 
-            if stages is not None:
-                stages.capture(g, add, list(lins))
-            else:
-                with capture_inputs(lins, add, stop=True):
-                    runner.forward_all(layer)
-            merged: dict[str, torch.Tensor] = {}
+        # linears reading the same input alike (q/k/v, gate/up) share one Hessian
+        for lins, hess in calibrate_groups(ctx, runner, layer, self.true_sequential, HessianAccumulator, add):
+            merged: dict[int, torch.Tensor] = {}
             for k, (name, lin) in enumerate(lins.items()):
                 # several ranks: the Hessian summed over every rank's windows; one owner solves
-                if dist.active() and keys[name] not in merged:
-                    merged[keys[name]] = acc[keys[name]].merged(dist.sum_)
-                H = merged[keys[name]] if dist.active() else hess[name].H
+                if dist.active() and id(hess[name]) not in merged:
+                    merged[id(hess[name])] = hess[name].merged(dist.sum_)
+                H = merged[id(hess[name])] if dist.active() else hess[name].H
                 m, d = lin.weight.shape
                 g = n_groups(d, spec)
 

@@ -261,6 +261,37 @@ def share_key(name: str, lin, group: tuple[str, ...], lins: dict) -> str:
     return first if same else name
 
 
+def calibrate_groups(ctx, runner: LayerwiseRunner, layer: nn.Module, true_sequential: bool, new_stats, add):
+    """The inputs of ``layer``'s linears, one true-sequential group at a time, for a solve step.
+
+    For each group with linears still to quantize, one statistics object per distinct input
+    (``new_stats()``; linears reading the same input alike share it, :func:`share_key`) is fed by
+    ``add(lin, stats, x)`` through the :class:`StagedPass` (or the classic passes for other layers);
+    then ``(lins, stats)`` is yielded, ``stats[name]`` being linear ``name``'s object, and the caller
+    solves the group before the next one is captured."""
+    groups = ctx.sequential_groups(true_sequential)
+    stages = runner.staged(layer, groups)  # each part of the layer computed once (bit-identical)
+    for g, group in enumerate(groups):
+        lins = ctx.pending({n: runner.adapter.linear(layer, n) for n in group})
+        if not lins:
+            if stages is not None:
+                stages.capture(g, None)
+            continue
+        keys = {n: share_key(n, m, group, lins) for n, m in lins.items()}
+        own = {key: new_stats() for key in set(keys.values())}
+
+        def fn(name, x, keys=keys, own=own, lins=lins):
+            if keys[name] == name:  # the others share this linear's statistics
+                add(lins[name], own[name], x)
+
+        if stages is not None:
+            stages.capture(g, fn, list(lins))
+        else:
+            with capture_inputs(lins, fn, stop=True):
+                runner.forward_all(layer)
+        yield lins, {n: own[keys[n]] for n in lins}
+
+
 def apply_layerwise(step, ctx) -> None:
     """``apply`` of a calibrated step that streams (``gptq``, ``lowrank``): ``stream_start``, each
     decoder layer of the in-memory model through a data-parallel :class:`LayerwiseRunner`

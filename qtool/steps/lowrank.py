@@ -38,7 +38,7 @@ from qtool.models.qlinear import QuantizedWeight
 from qtool.models.streaming import layers_prefix
 from qtool.quant.quantizer import n_groups
 from qtool.steps import register
-from qtool.steps.layerwise import apply_layerwise, capture_inputs, share_key
+from qtool.steps.layerwise import apply_layerwise, calibrate_groups
 from qtool.steps.registry import StepConfig
 
 logger = logging.getLogger("qtool")
@@ -125,37 +125,24 @@ class LowRank(StepConfig):
             "mse_clip": self.mse_clip,
             "scale_dtype": ctx.scale_dtype,
         }
-        groups = ctx.sequential_groups(self.true_sequential)
-        stages = runner.staged(layer, groups)  # each part of the layer computed once (bit-identical)
-        for g, group in enumerate(groups):
-            lins = ctx.pending({n: runner.adapter.linear(layer, n) for n in group})
-            if not lins:
-                if stages is not None:
-                    stages.capture(g, None)
-                continue
-            keys = {n: share_key(n, m, group, lins) for n, m in lins.items()}
-            stats = {k: LowRankStats() for k in set(keys.values())}
 
-            def add(name, x, keys=keys, lins=lins, stats=stats):
-                if keys[name] != name:
-                    return  # shares the statistics of another linear of its group
-                lin = lins[name]
-                xt = lin.prepare_input(x)
-                stats[name].add(xt, lin.quantize_input(xt))
+        def add(lin, stats, x):
+            xt = lin.prepare_input(x)
+            stats.add(xt, lin.quantize_input(xt))
 
-            if stages is not None:
-                stages.capture(g, add, list(lins))
-            else:
-                with capture_inputs(lins, add, stop=True):
-                    runner.forward_all(layer)
-            if dist.active():  # sum every rank's statistics (float64) before the solves
-                stats = {key: st_.merged(dist.sum_) for key, st_ in stats.items()}
+        for lins, stats in calibrate_groups(ctx, runner, layer, self.true_sequential, LowRankStats, add):
+            if dist.active():  # sum every rank's statistics (float64) before the solves, once per input
+                merged = {}
+                for st_ in stats.values():
+                    if id(st_) not in merged:
+                        merged[id(st_)] = st_.merged(dist.sum_)
+                stats = {n: merged[id(st_)] for n, st_ in stats.items()}
             for j, (name, lin) in enumerate(lins.items()):
                 W = lin.weight.data.float()
                 m, d = W.shape
                 k = self.rank_for(m, d) if name in corrected else 0
 
-                def solve(W=W, k=k, lstats=stats[keys[name]]):
+                def solve(W=W, k=k, lstats=stats[name]):
                     res = lowrank_solve(
                         W,
                         lstats,

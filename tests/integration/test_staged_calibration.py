@@ -10,7 +10,7 @@ import pytest
 
 from qtool.api import run_recipe
 from qtool.recipe import Recipe
-from qtool.steps import gptq, layerwise, lowrank
+from qtool.steps import layerwise
 from qtool.steps.layerwise import LayerwiseRunner
 
 CASES = {
@@ -51,8 +51,7 @@ def test_staged_pass_writes_the_same_bytes_as_the_classic_passes(tiny_llama_dir,
     recomputed = quantize(tiny_llama_dir, tmp_path, "recomputed", preset, steps)
     monkeypatch.setattr(LayerwiseRunner, "staged", lambda self, layer, groups: None)
     # and without sharing one Hessian / one set of statistics among q/k/v and gate/up
-    monkeypatch.setattr(gptq, "share_key", lambda name, lin, group, lins: name)
-    monkeypatch.setattr(lowrank, "share_key", lambda name, lin, group, lins: name)
+    monkeypatch.setattr(layerwise, "share_key", lambda name, lin, group, lins: name)
     classic = quantize(tiny_llama_dir, tmp_path, "classic", preset, steps)
     for other in (staged, recomputed):
         names = sorted(p.name for p in classic.iterdir())
