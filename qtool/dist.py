@@ -3,9 +3,13 @@
 A run launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins the process group:
 ``gloo`` on CPU, ``nccl`` on CUDA with each rank on ``cuda:LOCAL_RANK``. Each rank pushes its own
 disjoint share of the calibration windows (window ``i`` belongs to rank ``i % world``) through the
-layers; the statistics a solve needs are summed over ranks in float64 before the solve; each
-linear has an owner rank that solves it and broadcasts codes, scales and zero points. Rank 0 alone
-writes the checkpoint and logs. With one process everything here is a no-op, so a single-process
+layers; the statistics a solve needs are summed over ranks in float64 before the solve. Solves
+whose output rows are independent given the statistics (GPTQ: each row of ``W`` is quantized on
+its own under the shared Hessian) are split by rows: every rank solves its slice of every linear
+and the slices are exchanged (:func:`solve_rows`), so N ranks divide every group's solve time, even
+a group of one linear (``o_proj``, ``down_proj``). Solves that couple the rows (the low-rank
+correction's SVD) have an owner rank that solves the whole linear and broadcasts the result
+(:func:`solve_on_owner`). Rank 0 alone writes the checkpoint and logs. With one process everything here is a no-op, so a single-process
 run computes exactly what it did before.
 
 What can differ with the number of ranks: the order in which the float64 statistics are summed
@@ -101,6 +105,37 @@ def solve_on_owner(
     else:
         out = [torch.empty(shape, dtype=dt, device=device) for shape, dt in like]
     broadcast(out, src)
+    return out
+
+
+def row_bounds(m: int) -> list[int]:
+    """Row boundaries of a row-split solve: rank ``r`` owns rows ``[b[r], b[r + 1])``."""
+    return [m * r // world() for r in range(world() + 1)]
+
+
+def solve_rows(
+    m: int,
+    solve: Callable[[int, int], Sequence[torch.Tensor]],
+    like: Sequence[tuple[tuple[int, ...], torch.dtype]],
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """Split a solve with ``m`` independent output rows over ranks and give every rank all rows.
+
+    ``solve(r0, r1)`` returns tensors whose first dimension is ``r1 - r0`` (rows ``r0:r1``);
+    ``like`` gives each result's ``(trailing shape, dtype)``. Alone: ``solve(0, m)``. A solve that
+    is row-independent computes the same rows whichever rank computes them (GPTQ's are bit-identical:
+    ``tests/integration/test_distributed.py``)."""
+    if not active():
+        return list(solve(0, m))
+    b = row_bounds(m)
+    out = [torch.empty((m, *tail), dtype=dt, device=device) for tail, dt in like]
+    r0, r1 = b[rank()], b[rank() + 1]
+    if r1 > r0:
+        for o, t in zip(out, solve(r0, r1), strict=True):
+            o[r0:r1].copy_(t)
+    for src in range(world()):
+        if b[src + 1] > b[src]:
+            broadcast([o[b[src] : b[src + 1]] for o in out], src)  # row slices: contiguous views
     return out
 
 

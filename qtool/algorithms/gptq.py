@@ -220,31 +220,43 @@ def gptq_quantize(
 
     codes = torch.zeros(m, d, dtype=torch.int8, device=W.device)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    # the column loop inlines quantize/dequantize (same float32 operations, so the same codes):
+    # q = clamp(round(w / s) + z), dq = (q - z) * s, with s and z the column's group parameters.
+    # Inside a block the columns are rows (W1t = W[:, i1:i2]^T), so every per-column update
+    # touches contiguous memory; the arithmetic is elementwise, hence unchanged.
+    zf = zero.float()  # zero points as floats; a group's column is refreshed when its qparams are set
+    qmin, qmax = cspec.qmin, cspec.qmax
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1t = W[:, i1:i2].t().contiguous()
+        Err1t = torch.zeros_like(W1t)
+        Q1t = torch.empty_like(W1t)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             p = i1 + i
             g = group_of[p]
             if p in is_first:
                 cols = invperm[g * spec.group_size : min((g + 1) * spec.group_size, d)]
-                current = _current_columns(W, W1, Err1, Hinv, i1, i, cols)
+                current = _current_columns(W, W1t, Err1t, Hinv, i1, i, cols)
                 s, z = _qparams(current, cspec, mse_clip, scale_dtype)
                 scale[:, g] = s[:, 0]
                 zero[:, g] = z[:, 0]
-            w = W1[:, i : i + 1]
-            s_col = scale[:, g : g + 1].expand(m, 1)
-            z_col = zero[:, g : g + 1].expand(m, 1)
-            q = quantize(w, s_col, z_col, cspec)
-            dq = dequantize(q, s_col, z_col, cspec)
-            codes[:, p] = q[:, 0]
-            err = (w[:, 0] - dq[:, 0]) / Hinv1[i, i]
-            loss += err.double().pow(2).sum()
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                zf[:, g] = zero[:, g].float()
+            w = W1t[i]
+            s_col = scale[:, g]
+            z_col = zf[:, g]
+            q = torch.div(w, s_col).round_().add_(z_col).clamp_(qmin, qmax)
+            Q1t[i] = q
+            err = Err1t[i]
+            torch.sub(w, q.sub_(z_col).mul_(s_col), out=err)
+            err.div_(Hinv1[i, i])
+            W1t[i:] -= (
+                Hinv1[i, i:][:, None] * err[None, :]
+            )  # W1[:, i:] -= err h^T (not addr_: it rounds differently)
+        codes[:, i1:i2] = Q1t.t().to(torch.int8)
+        for i in range(i2 - i1):
+            loss += Err1t[i].double().pow(2).sum()
+        W[:, i2:] -= Err1t.t().contiguous() @ Hinv[i1:i2, i2:]
 
     codes = codes[:, invperm].contiguous()
     weight = dequantize(codes, scale, zero, spec)
@@ -255,8 +267,8 @@ def gptq_quantize(
 
 def _current_columns(
     W: torch.Tensor,
-    W1: torch.Tensor,
-    Err1: torch.Tensor,
+    W1t: torch.Tensor,
+    Err1t: torch.Tensor,
     Hinv: torch.Tensor,
     i1: int,
     i: int,
@@ -264,17 +276,20 @@ def _current_columns(
 ) -> torch.Tensor:
     """Current weights ``[out, len(cols)]`` of the not yet quantized columns at positions ``cols``.
 
-    Columns inside the current block already carry the in-block updates (``W1``); columns past
-    the block get the updates still pending from the ``i`` columns quantized in this block.
+    Columns inside the current block already carry the in-block updates (``W1t``, the block
+    transposed); columns past the block get the updates still pending from the ``i`` columns
+    quantized in this block (``Err1t``, transposed as well).
     """
-    i2 = i1 + W1.shape[1]
+    i2 = i1 + W1t.shape[0]
     out = torch.empty(W.shape[0], cols.numel(), dtype=W.dtype, device=W.device)
     inside = cols < i2
     if inside.any():
-        out[:, inside] = W1[:, cols[inside] - i1]
+        out[:, inside] = W1t[cols[inside] - i1].t()
     if (~inside).any():
         later = cols[~inside]
-        out[:, ~inside] = W[:, later] - Err1[:, :i] @ Hinv[i1 : i1 + i][:, later]
+        # the same [out, block] layout as the block's error matrix, so the product rounds alike
+        err1 = Err1t.t().contiguous()[:, :i]
+        out[:, ~inside] = W[:, later] - err1 @ Hinv[i1 : i1 + i][:, later]
     return out
 
 

@@ -68,9 +68,16 @@ def prepare_model(model: nn.Module, scheme) -> nn.Module:
 def set_quantization_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch activation and KV quantization on or off (weights stay as they are)."""
     adapter = get_adapter(model.config)
-    for _, _, lin in iter_qlinears(model):
-        lin.act_quant_enabled = enabled
     for layer in adapter.layers(model):
-        state = getattr(adapter.attention(layer), "qtool", None)
-        if state is not None:
-            state.enabled = enabled
+        set_layer_quantization_enabled(adapter, layer, enabled)
+
+
+def set_layer_quantization_enabled(adapter, layer: nn.Module, enabled: bool) -> None:
+    """:func:`set_quantization_enabled` for one decoder layer."""
+    for name in adapter.linear_names():
+        lin = adapter.linear(layer, name)
+        if isinstance(lin, QLinear):
+            lin.act_quant_enabled = enabled
+    state = getattr(adapter.attention(layer), "qtool", None)
+    if state is not None:
+        state.enabled = enabled

@@ -17,6 +17,8 @@ from pydantic import Field
 
 from qtool import dist
 from qtool.algorithms.gptq import HessianAccumulator, gptq_quantize
+from qtool.models.adapters import get_adapter
+from qtool.models.prepare import set_layer_quantization_enabled, set_quantization_enabled
 from qtool.models.qlinear import QuantizedWeight
 from qtool.quant.quantizer import n_groups
 from qtool.steps import register
@@ -48,6 +50,12 @@ class GPTQ(StepConfig):
     hessian_on_quantized_inputs: bool = Field(
         False, description="accumulate H from activation-quantized inputs instead of full-precision ones"
     )
+    act_quant_in_calibration: bool = Field(
+        True,
+        description="run the calibration windows through each layer with activation and KV quantization "
+        "on (false: quantized weights and full-precision activations, as llm-compressor and QuaRot's "
+        "GPTQ calibrate)",
+    )
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
     offload: bool = Field(True, description="keep calibration activations on the CPU")
 
@@ -63,6 +71,8 @@ class GPTQ(StepConfig):
         spec = ctx.weight_spec("gptq")
         st = ctx.state["gptq"]
         st["last"] = i
+        if not self.act_quant_in_calibration:  # this layer's capture and advance passes; on again at the end
+            set_layer_quantization_enabled(get_adapter(ctx.model.config), layer, False)
 
         def add(lin, acc, x):
             acc.add(hessian_input(lin, x, self.hessian_on_quantized_inputs))
@@ -71,37 +81,34 @@ class GPTQ(StepConfig):
         for lins, hess in calibrate_groups(ctx, runner, layer, self.true_sequential, HessianAccumulator, add):
             merged: dict[int, torch.Tensor] = {}
             for k, (name, lin) in enumerate(lins.items()):
-                # several ranks: the Hessian summed over every rank's windows; one owner solves
+                # several ranks: the Hessian summed over every rank's windows; each rank solves its
+                # share of the rows (GPTQ's rows are independent given H) and receives the others'
                 if dist.active() and id(hess[name]) not in merged:
                     merged[id(hess[name])] = hess[name].merged(dist.sum_)
                 H = merged[id(hess[name])] if dist.active() else hess[name].H
                 m, d = lin.weight.shape
                 g = n_groups(d, spec)
+                loss = torch.zeros(1, dtype=torch.float64)
 
-                def solve(lin=lin, H=H):
-                    res = self._solve(ctx, lin, H, spec)
-                    return (
-                        res.codes,
-                        res.scale,
-                        res.zero,
-                        torch.tensor([float(res.loss)], dtype=torch.float64),
+                def solve(r0, r1, lin=lin, H=H, loss=loss):
+                    res = self._solve(ctx, lin.weight.data[r0:r1], H, spec)
+                    loss += res.loss
+                    return res.codes, res.scale, res.zero
+
+                if spec.granularity == "tensor":  # one scale over all rows: not row-separable
+                    like = [((m, d), torch.int8), ((1, 1), torch.float32), ((1, 1), torch.int8)]
+                    codes, scale, zero = dist.solve_on_owner(
+                        dist.owner(i + k), lambda s=solve, m=m: s(0, m), like, lin.weight.device
                     )
-
-                like = [
-                    ((m, d), torch.int8),
-                    ((m, g), torch.float32),
-                    ((m, g), torch.int8),
-                    ((1,), torch.float64),
-                ]
-                codes, scale, zero, loss = dist.solve_on_owner(
-                    dist.owner(i + k), solve, like, lin.weight.device
-                )
+                else:
+                    like = [((d,), torch.int8), ((g,), torch.float32), ((g,), torch.int8)]
+                    codes, scale, zero = dist.solve_rows(m, solve, like, lin.weight.device)
                 lin.set_quantized(QuantizedWeight(codes, scale, zero, spec))
-                st["errors"][f"layers.{i}.{name}"] = float(loss)
+                st["errors"][f"layers.{i}.{name}"] = float(dist.sum_(loss))
 
-    def _solve(self, ctx, lin, H, spec):
+    def _solve(self, ctx, W, H, spec):
         return gptq_quantize(
-            lin.weight.data.float(),
+            W.float(),
             H,
             spec,
             block_size=self.block_size,
@@ -118,6 +125,8 @@ class GPTQ(StepConfig):
         return f"mean GPTQ loss {sum(mine) / len(mine):.4g}" if mine else "no linear quantized"
 
     def stream_end(self, ctx) -> None:
+        if not self.act_quant_in_calibration:
+            set_quantization_enabled(ctx.model, True)
         st = ctx.state["gptq"]
         seconds = time.perf_counter() - st["start"]
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None

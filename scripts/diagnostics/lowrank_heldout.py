@@ -9,7 +9,7 @@ to isolate one solve). For ``q_proj`` and ``down_proj`` of one decoder layer the
 the inputs are collected on calibration windows (seed 0) of two sizes and on held-out windows
 (seed 123, validation split: independent random windows, not guaranteed disjoint), and :func:`qtool.algorithms.lowrank.lowrank_solve`
 is run at several rank fractions, for each solver variant (``--variants``, ``init/cross_shrink``:
-``zero/1.0`` is the solver before issue 13, bit for bit; ``closed_form/auto`` the default now),
+``zero/1.0`` is the solver before issue 13, bit for bit; ``closed_form/auto`` the default now; a third part ``/3`` sets ``iterations``, default 1),
 next to plain GPTQ (rank 0, no cross term: what the W4A4 rotate + GPTQ row does). The table
 reports the output error ``|W X - W^ Q(X) - U V^T X|^2 / |W X|^2`` on the calibration windows
 (what the solver minimizes) and on the held-out ones (what the model sees), and the held-out
@@ -39,7 +39,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="zero/1.0,closed_form/auto",
-        help="comma-separated init/cross_shrink pairs of lowrank_solve",
+        help="comma-separated init/cross_shrink[/iterations] of lowrank_solve (iterations default 1)",
     )
     p.add_argument("--out", default="lowrank_heldout", help="output stem under results/")
     args = p.parse_args()
@@ -103,19 +103,26 @@ def main() -> int:
             # plain GPTQ: rank 0 and no cross term, i.e. GPTQ on W with the Hessian of Q(X)
             plain = lowrank_solve(W, cal[name], spec, 0, cross_shrink=0.0, gptq_kwargs=gptq_kwargs)
             plain_held = rel(W, plain.weight, plain.U, plain.V, held[name])
-            runs = [("plain GPTQ", 0.0, "zero", 0.0)] + [
-                (v, float(f), *v.split("/"))
+            runs = [("plain GPTQ", 0.0, "zero", 0.0, "1")] + [
+                (v, float(f), *(v.split("/") + ["1"])[:3])
                 for v in args.variants.split(",")
                 for f in args.fractions.split(",")
             ]
-            for variant, f, init, shrink in runs:
+            for variant, f, init, shrink, its in runs:
                 k = rank_for_fraction(*W.shape, f)
                 shrink = shrink if shrink == "auto" else float(shrink)
                 res = (
                     plain
                     if variant == "plain GPTQ"
                     else lowrank_solve(
-                        W, cal[name], spec, k, init=init, cross_shrink=shrink, gptq_kwargs=gptq_kwargs
+                        W,
+                        cal[name],
+                        spec,
+                        k,
+                        iterations=int(its),
+                        init=init,
+                        cross_shrink=shrink,
+                        gptq_kwargs=gptq_kwargs,
                     )
                 )
                 held_err = rel(W, res.weight, res.U, res.V, held[name])
@@ -148,7 +155,7 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     lines = [
-        "| calibration | linear (width) | solver (init/cross_shrink) | rank fraction (rank) | error on calibration "
+        "| calibration | linear (width) | solver (init/cross_shrink[/iterations]) | rank fraction (rank) | error on calibration "
         "| error held out | held-out reduction vs GPTQ |",
         "|---|---|---|---:|---:|---:|---:|",
     ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import filecmp
 
 import pytest
+import torch
 
 from qtool.api import run_recipe
 from qtool.recipe import Recipe
@@ -57,3 +58,47 @@ def test_staged_pass_writes_the_same_bytes_as_the_classic_passes(tiny_llama_dir,
         names = sorted(p.name for p in classic.iterdir())
         assert names == sorted(p.name for p in other.iterdir())
         assert [n for n in names if not filecmp.cmp(classic / n, other / n, shallow=False)] == []
+
+
+def test_act_quant_in_calibration_switch(tiny_llama_dir, tmp_path):
+    """``gptq: {act_quant_in_calibration: false}`` pushes the windows through quantized weights with
+    full-precision activations and KV: the same bytes when nothing but weights is quantized, other
+    codes under W4A4KV4, and activation/KV quantization on again in the model afterwards."""
+    from qtool.models.adapters import get_adapter
+    from qtool.models.prepare import iter_qlinears
+
+    def run(preset, steps, name):
+        recipe = Recipe.model_validate(
+            {
+                "model": str(tiny_llama_dir),
+                "device": "cpu",
+                "calibration": {"samples": 6, "seq_len": 32},
+                "scheme": {"preset": preset, "weights": {"group_size": 32}},
+                "steps": steps,
+            }
+        )
+        return run_recipe(recipe, tmp_path / name)
+
+    on = {"gptq": {"batch_size": 2}}
+    off = {"gptq": {"batch_size": 2, "act_quant_in_calibration": False}}
+    run("W4A16", [on], "w4a16-on")
+    run("W4A16", [off], "w4a16-off")
+    names = sorted(p.name for p in (tmp_path / "w4a16-on").iterdir() if p.name != "recipe.yaml")
+    assert [
+        n
+        for n in names
+        if not filecmp.cmp(tmp_path / "w4a16-on" / n, tmp_path / "w4a16-off" / n, shallow=False)
+    ] == []
+    ctx_on = run("W4A4KV4", ["rotate", on], "a4-on")
+    ctx_off = run("W4A4KV4", ["rotate", off], "a4-off")
+    codes = {
+        (i, n): (lin.qweight.codes, other.qweight.codes)
+        for (i, n, lin), (_, _, other) in zip(
+            iter_qlinears(ctx_on.model), iter_qlinears(ctx_off.model), strict=True
+        )
+    }
+    assert all(torch.equal(*codes[(0, n)]) for n in ("q_proj", "k_proj", "v_proj"))  # same first inputs
+    assert not all(torch.equal(a, b) for a, b in codes.values())
+    adapter = get_adapter(ctx_off.model.config)
+    assert all(lin.act_quant_enabled for _, _, lin in iter_qlinears(ctx_off.model))
+    assert all(adapter.attention(layer).qtool.enabled for layer in adapter.layers(ctx_off.model))

@@ -14,6 +14,10 @@ M, D, N = 48, 128, 1024
 
 @pytest.fixture(scope="module")
 def layer():
+    return _make_layer()
+
+
+def _make_layer():
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(D, D, generator=g) / D**0.5
     X = mix @ torch.randn(D, N, generator=g)  # correlated inputs
@@ -142,3 +146,66 @@ def test_bad_inputs(layer):
         gptq_quantize(W, torch.full_like(H, float("nan")), QSpec(4, True, "channel"))
     with pytest.raises(HessianError, match="not positive definite"):
         gptq_quantize(W, -torch.eye(D), QSpec(4, True, "channel"))
+
+
+# sha256 (first 16 hex digits) of codes, scale, zero and weight bytes, produced by gptq_quantize as
+# it was at commit 799247e, before the column loop was rewritten for speed (issue 17: "results must
+# not change"); torch 2.13.0+cpu, the version constraints.txt installs, one thread. block_size 32 so the lazy
+# block updates between blocks run too.
+PINNED = [
+    ("channel", False, False, "6afc673ae88d51c4"),
+    ("channel", False, True, "0aed37afd2f78a27"),
+    ("channel", True, False, "c943d31c401827f5"),
+    ("channel", True, True, "d04c014ff2d6a158"),
+    ("group32", False, False, "271d1b4a2ee044bd"),
+    ("group32", False, True, "3985b98ea9b17755"),
+    ("group32", True, False, "78ddd4b75f545a5d"),
+    ("group32", True, True, "9e95def50d697fbc"),
+    ("tensor", False, False, "af970a4cc8287c23"),
+    ("tensor", False, True, "f3a38a9c7b493025"),
+    ("tensor", True, False, "1b2b9b5dba7d6a87"),
+    ("tensor", True, True, "714b6af6bf83a2f3"),
+]
+PIN_SPECS = {
+    "channel": QSpec(4, True, "channel"),
+    "group32": QSpec(4, False, "group", 32),
+    "tensor": QSpec(4, True, "tensor"),
+}
+
+
+@pytest.mark.skipif(
+    not torch.__version__.startswith("2.13.0"), reason="digests pinned with torch 2.13.0 (constraints.txt)"
+)
+@pytest.mark.parametrize("spec_id, act_order, mse_clip, digest", PINNED)
+def test_codes_pinned_across_speedups(spec_id, act_order, mse_clip, digest):
+    import hashlib
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # products (the Hessian, the group path) round differently with more threads
+    try:
+        W, _, H = _make_layer()
+        res = gptq_quantize(W, H, PIN_SPECS[spec_id], block_size=32, act_order=act_order, mse_clip=mse_clip)
+    finally:
+        torch.set_num_threads(threads)
+    h = hashlib.sha256()
+    for t in (res.codes, res.scale, res.zero, res.weight):
+        h.update(t.contiguous().numpy().tobytes())
+    assert h.hexdigest()[:16] == digest
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(
+    "spec", [QSpec(4, True, "channel"), QSpec(4, False, "group", 32)], ids=["channel", "group32"]
+)
+def test_rows_solve_independently(layer, spec, act_order):
+    """What `dist.solve_rows` relies on: GPTQ of a slice of W's rows (same H) gives those rows'
+    codes, scales and zeros bit for bit, so N ranks can each solve a share of the rows."""
+    W, _, H = layer
+    full = gptq_quantize(W, H, spec, block_size=32, act_order=act_order, mse_clip=True)
+    parts = [
+        gptq_quantize(W[a:b], H, spec, block_size=32, act_order=act_order, mse_clip=True)
+        for a, b in ((0, 17), (17, M))
+    ]
+    for field in ("codes", "scale", "zero", "weight"):
+        assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(full, field)), field
+    assert sum(p.loss for p in parts) == pytest.approx(full.loss, rel=1e-12)
