@@ -115,8 +115,14 @@ def install_online_layer(
             rot.to(down.weight.device)
     if entry.get("attention_vo"):
         o = adapter.linear(layer, "o_proj")
-        mix = OnlineRotation(hq * d, kind, heads=hq, seed=seed + 3000 + i)
-        o.input_transform = mix.to(o.weight.device)
+        # QuaRot mixes heads online before o_proj; without it o_proj reads the per-head rotated
+        # values as they are (the per-head rotation of V cancels in o_proj's weight, nothing online)
+        mix = (
+            OnlineRotation(hq * d, kind, heads=hq, seed=seed + 3000 + i)
+            if entry.get("head_mix", True)
+            else None
+        )
+        o.input_transform = None if mix is None else mix.to(o.weight.device)
         if fuse:
             per_head = OnlineRotation(d, kind, seed=seed + 2000 + i).to(device)
             v = adapter.linear(layer, "v_proj")
@@ -125,9 +131,12 @@ def install_online_layer(
                 v.bias.data = within_heads(per_head, hkv)(v.bias.data.to(device, torch.float64)).to(
                     v.bias.device, v.bias.dtype
                 )
-            mix.to(device)
-            transform_weight(o, lambda w, m=mix, ph=per_head: m(within_heads(ph, hq)(w)), device)
-            mix.to(o.weight.device)
+            if mix is None:
+                transform_weight(o, lambda w, ph=per_head: within_heads(ph, hq)(w), device)
+            else:
+                mix.to(device)
+                transform_weight(o, lambda w, m=mix, ph=per_head: m(within_heads(ph, hq)(w)), device)
+                mix.to(o.weight.device)
     if entry.get("qk"):
         attn = adapter.attention(layer)
         attn.qtool.qk_rotate = OnlineRotation(d, kind, seed=seed + 4000 + i).to(attn.q_proj.weight.device)

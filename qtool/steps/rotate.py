@@ -102,6 +102,11 @@ class Rotate(StepConfig):
     residual: bool = True
     down_proj: bool = Field(True, description="online Hadamard on the input of down_proj")
     attention_vo: bool = Field(True, description="per-head V/O rotation plus head mixing before o_proj")
+    head_mix: bool = Field(
+        True,
+        description="with attention_vo: the online rotation across heads before o_proj (QuaRot; a seeded "
+        "random orthogonal h x h where no Hadamard of order h exists); false: per-head rotation only",
+    )
     qk: Literal["auto", True, False] = Field(
         "auto", description="online Hadamard on Q/K after RoPE (auto: when KV is quantized)"
     )
@@ -126,6 +131,7 @@ class Rotate(StepConfig):
             "down_proj": self.down_proj,
             "attention_vo": self.attention_vo,
             "qk": qk,
+            **({} if self.head_mix else {"head_mix": False}),  # stored only when off: checkpoints as before
         }
         ctx.runtime["rotation"] = entry
         ctx.state["rotate.q"] = q

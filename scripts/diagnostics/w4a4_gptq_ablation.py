@@ -13,7 +13,10 @@ calibration choice changes from row to row, the candidates the issue names:
   llm-compressor's sequential pipeline (``DisableQuantization`` around calibration) and QuaRot's GPTQ do;
 * ``hessian_on_quantized_inputs``: the Hessian from ``Q(X)`` instead of ``X``;
 * ``true_sequential``: q/k/v, o, gate/up, down calibrated one group after another (qtool) or every
-  linear of a layer from the layer's input (llm-compressor's one-subgraph-per-layer pipeline).
+  linear of a layer from the layer's input (llm-compressor's one-subgraph-per-layer pipeline);
+* ``rotate: {head_mix: false}``: no online rotation across SmolLM2's 9 heads before ``o_proj`` (a
+  seeded random orthogonal 9 x 9 in qtool, as no Hadamard of order 9 exists; llm-compressor's R2
+  rotates V/O per head only).
 
 Results: ``results/<out>.{json,md}`` (the table scripts' format: ppl on the first ``--limit``
 WikiText-2 test windows of 2048 tokens, no prefix).
@@ -41,6 +44,7 @@ VARIANTS = {
         "true_sequential": False,
     },
     "Hessian on quantized inputs": {"hessian_on_quantized_inputs": True},
+    "no head mixing before o_proj": {"head_mix": False},
 }
 
 
@@ -52,7 +56,10 @@ def rows() -> list[dict]:
                 "dtype": "float32",
                 "device": "cpu",
                 "scheme": SCHEME,
-                "steps": [ROTATE, {"gptq": {**BASE, **extra}}],
+                "steps": [
+                    {"rotate": {**ROTATE["rotate"], **{k: v for k, v in extra.items() if k == "head_mix"}}},
+                    {"gptq": {**BASE, **{k: v for k, v in extra.items() if k != "head_mix"}}},
+                ],
             },
         }
         for label, extra in VARIANTS.items()

@@ -16,7 +16,7 @@ from qtool.steps import parse_step
 from qtool.steps.base import Context
 
 
-def _rotate_in_place(model, kv: bool, kind: str = "hadamard") -> None:
+def _rotate_in_place(model, kv: bool, kind: str = "hadamard", head_mix: bool = True) -> None:
     scheme = "{preset: FP, kv_cache: {bits: 4}}" if kv else "FP"
     recipe = parse_recipe(f"model: x\nscheme: {scheme}\nsteps: [rotate]")
     prepare_model(model, recipe.scheme)
@@ -24,7 +24,7 @@ def _rotate_in_place(model, kv: bool, kind: str = "hadamard") -> None:
 
     set_quantization_enabled(model, False)  # FP: rotations only, no quantization
     ctx = Context(recipe=recipe, model=model, tokenizer=None, device=torch.device("cpu"))
-    parse_step({"rotate": {"kind": kind, "qk": kv}}, 0).apply(ctx)
+    parse_step({"rotate": {"kind": kind, "qk": kv, "head_mix": head_mix}}, 0).apply(ctx)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -41,6 +41,19 @@ def test_rotation_preserves_logits_tiny(tiny_model_dir, arch, kind):
     out = model(ids).logits
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
     assert not model.config.tie_word_embeddings
+
+
+def test_rotation_without_head_mixing_preserves_logits(tiny_model_dir):
+    """``head_mix: false``: V/O rotated per head only, nothing online before o_proj, same function."""
+    model, _ = load_hf_model(str(tiny_model_dir("llama")), "float32", "cpu")
+    ids = torch.randint(0, model.config.vocab_size, (2, 33))
+    ref = model(ids).logits
+    _rotate_in_place(model, kv=True, head_mix=False)
+    out = model(ids).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    layer = model.model.layers[0]
+    assert layer.self_attn.o_proj.input_transform is None
+    assert layer.mlp.down_proj.input_transform is not None
 
 
 def test_rotation_online_modules_present(tiny_model_dir):
@@ -87,16 +100,19 @@ def test_gptq_beats_rtn_and_reports_errors(tiny_model_dir):
     assert abs(p_gptq - fp) <= abs(p_rtn - fp) + 1e-3 * fp
 
 
-def test_rotated_w4a4kv4_export_reload_same_ppl(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("head_mix", [True, False])
+def test_rotated_w4a4kv4_export_reload_same_ppl(tiny_model_dir, tmp_path, head_mix):
     d = tiny_model_dir("qwen2")
     out = tmp_path / "ckpt"
-    ctx = api.run_recipe(_recipe(d, ["rotate", {"gptq": {"act_order": True}}], W4A4KV4, str(out)))
+    steps = [{"rotate": {"head_mix": head_mix}}, {"gptq": {"act_order": True}}]
+    ctx = api.run_recipe(_recipe(d, steps, W4A4KV4, str(out)))
     mem = perplexity(ctx.model, ctx.tokenizer, seq_len=128, limit=3).ppl
     model, tok, info = api.load(str(out), "float32", "cpu")
     assert info["kind"] == "checkpoint"
     again = perplexity(model, tok, seq_len=128, limit=3).ppl
     assert abs(again - mem) / mem < 1e-4
     assert model.model.layers[0].mlp.down_proj.input_transform is not None
+    assert (model.model.layers[0].self_attn.o_proj.input_transform is not None) == head_mix
 
 
 @pytest.mark.slow
