@@ -21,7 +21,8 @@ CASES = {
 }
 
 
-def quantize(model, tmp_path, name: str, preset: str, steps: list):
+def run(model, tmp_path, name: str, preset: str, steps: list):
+    """Quantize the tiny model (6 x 32 calibration tokens) into ``tmp_path / name``; the step context."""
     recipe = Recipe.model_validate(
         {
             "model": str(model),
@@ -31,7 +32,11 @@ def quantize(model, tmp_path, name: str, preset: str, steps: list):
             "steps": steps,
         }
     )
-    run_recipe(recipe, tmp_path / name)
+    return run_recipe(recipe, tmp_path / name)
+
+
+def quantize(model, tmp_path, name: str, preset: str, steps: list):
+    run(model, tmp_path, name, preset, steps)
     return tmp_path / name
 
 
@@ -67,30 +72,18 @@ def test_act_quant_in_calibration_switch(tiny_llama_dir, tmp_path):
     from qtool.models.adapters import get_adapter
     from qtool.models.prepare import iter_qlinears
 
-    def run(preset, steps, name):
-        recipe = Recipe.model_validate(
-            {
-                "model": str(tiny_llama_dir),
-                "device": "cpu",
-                "calibration": {"samples": 6, "seq_len": 32},
-                "scheme": {"preset": preset, "weights": {"group_size": 32}},
-                "steps": steps,
-            }
-        )
-        return run_recipe(recipe, tmp_path / name)
-
     on = {"gptq": {"batch_size": 2}}
     off = {"gptq": {"batch_size": 2, "act_quant_in_calibration": False}}
-    run("W4A16", [on], "w4a16-on")
-    run("W4A16", [off], "w4a16-off")
+    run(tiny_llama_dir, tmp_path, "w4a16-on", "W4A16", [on])
+    run(tiny_llama_dir, tmp_path, "w4a16-off", "W4A16", [off])
     names = sorted(p.name for p in (tmp_path / "w4a16-on").iterdir() if p.name != "recipe.yaml")
     assert [
         n
         for n in names
         if not filecmp.cmp(tmp_path / "w4a16-on" / n, tmp_path / "w4a16-off" / n, shallow=False)
     ] == []
-    ctx_on = run("W4A4KV4", ["rotate", on], "a4-on")
-    ctx_off = run("W4A4KV4", ["rotate", off], "a4-off")
+    ctx_on = run(tiny_llama_dir, tmp_path, "a4-on", "W4A4KV4", ["rotate", on])
+    ctx_off = run(tiny_llama_dir, tmp_path, "a4-off", "W4A4KV4", ["rotate", off])
     codes = {
         (i, n): (lin.qweight.codes, other.qweight.codes)
         for (i, n, lin), (_, _, other) in zip(
