@@ -39,12 +39,12 @@ BASE = {"block_size": 128, "damp": 0.01, "act_order": True, "mse_clip": False}
 VARIANTS = {
     "qtool as it was (act quant in calibration, true-sequential)": {},
     "activations full precision in calibration": {"act_quant_in_calibration": False},
+    "no head mixing before o_proj": {"head_mix": False},
+    "Hessian on quantized inputs": {"hessian_on_quantized_inputs": True},
     "activations full precision in calibration, one pass per layer": {
         "act_quant_in_calibration": False,
         "true_sequential": False,
     },
-    "Hessian on quantized inputs": {"hessian_on_quantized_inputs": True},
-    "no head mixing before o_proj": {"head_mix": False},
 }
 
 
