@@ -1,7 +1,10 @@
 """Why is qtool's rotated W4A4 GPTQ worse than llm-compressor's at the same quantizer settings? (issue 17)
 
     python -m scripts.diagnostics.w4a4_gptq_ablation --limit 8 --calib-samples 32
-    python -m scripts.diagnostics.w4a4_gptq_ablation --only "qtool as it was" --out abl_a   # one row per process
+    python -m scripts.diagnostics.w4a4_gptq_ablation --only "no head mixing before o_proj" --out abl_a   # one row
+
+Labels hold no commas (``--only`` splits on them); a row measured before under the same protocol is
+reused from results/ (so a run with another ``--out`` collects rows measured by separate processes).
 
 Every row is the side-by-side harness's ``w4a4-rot-ao`` setting (rotate: residual Hadamard,
 online Hadamard before ``down_proj``, per-head V/O; W4 symmetric per channel, min-max ranges, GPTQ
@@ -37,11 +40,11 @@ ROTATE = {
 BASE = {"block_size": 128, "damp": 0.01, "act_order": True, "mse_clip": False}
 
 VARIANTS = {
-    "qtool as it was (act quant in calibration, true-sequential)": {},
+    "qtool as it was (act quant in calibration; true-sequential)": {},
     "activations full precision in calibration": {"act_quant_in_calibration": False},
     "no head mixing before o_proj": {"head_mix": False},
     "Hessian on quantized inputs": {"hessian_on_quantized_inputs": True},
-    "activations full precision in calibration, one pass per layer": {
+    "activations full precision in calibration; one pass per layer": {
         "act_quant_in_calibration": False,
         "true_sequential": False,
     },
