@@ -3,13 +3,12 @@
 A run launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins the process group:
 ``gloo`` on CPU, ``nccl`` on CUDA with each rank on ``cuda:LOCAL_RANK``. Each rank pushes its own
 disjoint share of the calibration windows (window ``i`` belongs to rank ``i % world``) through the
-layers; the statistics a solve needs are summed over ranks in float64 before the solve. Solves
-whose output rows are independent given the statistics (GPTQ: each row of ``W`` is quantized on
-its own under the shared Hessian) are split by rows: every rank solves its slice of every linear
-and the slices are exchanged (:func:`solve_rows`), so N ranks divide every group's solve time, even
-a group of one linear (``o_proj``, ``down_proj``). Solves that couple the rows (the low-rank
-correction's SVD) have an owner rank that solves the whole linear and broadcasts the result
-(:func:`solve_on_owner`). Rank 0 alone writes the checkpoint and logs. With one process everything here is a no-op, so a single-process
+layers; the statistics a solve needs are summed over ranks in float64 before the solve. A linear's
+solve runs on an owner rank that broadcasts the result (:func:`solve_on_owner`); a solve whose
+output rows are independent given the statistics (GPTQ: each row of ``W`` is quantized on its own
+under the shared Hessian) can instead be split by rows over every rank (:func:`solve_rows`), which
+GPTQ does for a group with fewer linears than ranks (``o_proj``, ``down_proj`` alone), so no rank
+idles there. Rank 0 alone writes the checkpoint and logs. With one process everything here is a no-op, so a single-process
 run computes exactly what it did before.
 
 What can differ with the number of ranks: the order in which the float64 statistics are summed

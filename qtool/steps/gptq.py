@@ -81,8 +81,7 @@ class GPTQ(StepConfig):
         for lins, hess in calibrate_groups(ctx, runner, layer, self.true_sequential, HessianAccumulator, add):
             merged: dict[int, torch.Tensor] = {}
             for k, (name, lin) in enumerate(lins.items()):
-                # several ranks: the Hessian summed over every rank's windows; each rank solves its
-                # share of the rows (GPTQ's rows are independent given H) and receives the others'
+                # several ranks: the Hessian summed over every rank's windows, then solved below
                 if dist.active() and id(hess[name]) not in merged:
                     merged[id(hess[name])] = hess[name].merged(dist.sum_)
                 H = merged[id(hess[name])] if dist.active() else hess[name].H
@@ -95,8 +94,12 @@ class GPTQ(StepConfig):
                     loss += res.loss
                     return res.codes, res.scale, res.zero
 
-                if spec.granularity == "tensor":  # one scale over all rows: not row-separable
-                    like = [((m, d), torch.int8), ((1, 1), torch.float32), ((1, 1), torch.int8)]
+                # a group with at least as many linears as ranks: one owner per linear (each rank
+                # runs whole column loops, whose per-column cost does not shrink with fewer rows);
+                # fewer (o_proj, down_proj alone): every rank solves a share of the rows
+                if spec.granularity == "tensor" or len(lins) >= dist.world():
+                    qp = (1, 1) if spec.granularity == "tensor" else (m, g)
+                    like = [((m, d), torch.int8), (qp, torch.float32), (qp, torch.int8)]
                     codes, scale, zero = dist.solve_on_owner(
                         dist.owner(i + k), lambda s=solve, m=m: s(0, m), like, lin.weight.device
                     )
