@@ -8,8 +8,8 @@ solve runs on an owner rank that broadcasts the result (:func:`solve_on_owner`);
 output rows are independent given the statistics (GPTQ: each row of ``W`` is quantized on its own
 under the shared Hessian) can instead be split by rows over every rank (:func:`solve_rows`), which
 GPTQ does for a group with fewer linears than ranks (``o_proj``, ``down_proj`` alone), so no rank
-idles there. Rank 0 alone writes the checkpoint and logs. With one process everything here is a no-op, so a single-process
-run computes exactly what it did before.
+idles there. Rank 0 alone writes the checkpoint and logs. With one process everything here is a
+no-op, so a single-process run computes exactly what it did before.
 
 What can differ with the number of ranks: the order in which the float64 statistics are summed
 (a few ulps of the Hessian), which can flip the rounding of a weight sitting on a grid midpoint.
@@ -123,7 +123,7 @@ def solve_rows(
     ``solve(r0, r1)`` returns tensors whose first dimension is ``r1 - r0`` (rows ``r0:r1``);
     ``like`` gives each result's ``(trailing shape, dtype)``. Alone: ``solve(0, m)``. A solve that
     is row-independent computes the same rows whichever rank computes them (GPTQ's are bit-identical:
-    ``tests/integration/test_distributed.py``)."""
+    ``tests/unit/test_gptq.py::test_rows_solve_independently``)."""
     if not active():
         return list(solve(0, m))
     b = row_bounds(m)

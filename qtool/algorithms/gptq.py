@@ -250,9 +250,8 @@ def gptq_quantize(
             err = Err1t[i]
             torch.sub(w, q.sub_(z_col).mul_(s_col), out=err)
             err.div_(Hinv1[i, i])
-            W1t[i:] -= (
-                Hinv1[i, i:][:, None] * err[None, :]
-            )  # W1[:, i:] -= err h^T (not addr_: it rounds differently)
+            # W1[:, i:] -= err h^T, as a product then a subtraction (addr_ rounds differently)
+            W1t[i:] -= Hinv1[i, i:][:, None] * err[None, :]
         codes[:, i1:i2] = Q1t.t().to(torch.int8)
         for i in range(i2 - i1):
             loss += Err1t[i].double().pow(2).sum()
