@@ -76,6 +76,24 @@ def sum_(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def min_(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum of ``t`` over ranks (exact: no summation order)."""
+    if not active():
+        return t
+    out = t.clone()
+    td.all_reduce(out, op=td.ReduceOp.MIN)
+    return out
+
+
+def max_(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of ``t`` over ranks (exact)."""
+    if not active():
+        return t
+    out = t.clone()
+    td.all_reduce(out, op=td.ReduceOp.MAX)
+    return out
+
+
 def owner(index: int) -> int:
     """The rank that solves work item ``index`` (round robin)."""
     return index % world()

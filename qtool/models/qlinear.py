@@ -36,6 +36,7 @@ class QLinear(nn.Module):
         self.act_spec = act_spec
         self.input_transform = input_transform
         self.qweight: QuantizedWeight | None = None
+        self.weight_spec: QSpec | None = None  # set when the codes were dropped after dequantizing
         self.lora_U: torch.Tensor | None = None
         self.lora_V: torch.Tensor | None = None
         self.name = name
@@ -87,7 +88,8 @@ class QLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        w = f"W{self.qweight.spec.bits}" if self.qweight is not None else "W16"
+        spec = self.qweight.spec if self.qweight is not None else self.weight_spec
+        w = f"W{spec.bits}" if spec is not None else "W16"
         a = f"A{self.act_spec.bits}" if self.act_spec is not None else "A16"
         lr = f", lowrank={self.lora_U.shape[1]}" if self.lora_U is not None else ""
         t = f", transform={type(self.input_transform).__name__}" if self.input_transform is not None else ""

@@ -5,7 +5,8 @@ Conventions (used by fake-quant, GPTQ, export and the kernels alike):
 * codes are *signed* integers ``q`` in ``[-2**(b-1), 2**(b-1) - 1]`` stored in ``int8``;
 * ``dequant = (q - z) * s`` with an integer zero point ``z`` in the same signed range
   (``z == 0`` for symmetric quantization);
-* symmetric scale ``s = clip * amax / (2**(b-1) - 1)``; asymmetric scale
+* symmetric scale ``s = clip * amax / (2**(b-1) - 1)`` (with ``half_range``: ``/ (2**(b-1) - 0.5)``,
+  compressed-tensors' grid, where ``+amax`` clamps to the top code); asymmetric scale
   ``s = clip * (max - min) / (2**b - 1)`` with ``z = round(-clip*min / s) - 2**(b-1)``;
 * granularity ``tensor`` / ``channel`` (one per output row) / ``group`` (``group_size``
   consecutive input columns per row) / ``token`` (one per row of an activation, i.e. the
@@ -37,6 +38,9 @@ class QSpec:
     group_size: int | None = None
     clip_ratio: float = 1.0
     ragged: bool = False
+    # symmetric scale amax / ((qmax - qmin) / 2) (= amax / 7.5 at 4 bits, compressed-tensors'
+    # convention: +amax clamps to qmax) instead of amax / qmax
+    half_range: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -119,7 +123,8 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, rnd=torch.round
     definition of the formula in the module docstring. ``rnd`` rounds the zero point (the
     straight-through round in :func:`fake_quant_ste`)."""
     if spec.symmetric:
-        scale = (torch.maximum(hi, -lo) / spec.qmax).clamp(min=1e-8)
+        denom = (spec.qmax - spec.qmin) / 2 if spec.half_range else spec.qmax
+        scale = (torch.maximum(hi, -lo) / denom).clamp(min=1e-8)
         return scale, torch.zeros_like(scale)
     scale = ((hi - lo) / (2**spec.bits - 1)).clamp(min=1e-8)
     return scale, (rnd(-lo / scale) + spec.qmin).clamp(spec.qmin, spec.qmax)

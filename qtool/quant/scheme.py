@@ -6,12 +6,17 @@ the recipe because a checkpoint's loader rebuilds the scheme from ``qtool.json``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from qtool.config import Closed
 from qtool.quant.quantizer import QSpec
+
+GRID_DOC = (
+    "symmetric scale: qmax = amax / 7 at 4 bits (the largest magnitude lands on a code); half_range = "
+    "amax / 7.5 with codes in [-8, 7] (compressed-tensors' and llm-compressor's convention)"
+)
 
 
 class WeightScheme(Closed):
@@ -23,11 +28,40 @@ class WeightScheme(Closed):
     ragged: bool = Field(
         False, description="allow a shorter last group when group_size does not divide the width"
     )
+    clip_ratio: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="range = clip_ratio x min/max of each row or group (GPTQ's mse_clip searches below it)",
+    )
+    grid: Literal["qmax", "half_range"] = Field("qmax", description=GRID_DOC)
 
     def spec(self) -> QSpec:
         if self.group_size is None:
-            return QSpec(self.bits, self.symmetric, "channel")
-        return QSpec(self.bits, self.symmetric, "group", self.group_size, ragged=self.ragged)
+            return QSpec(
+                self.bits, self.symmetric, "channel", clip_ratio=self.clip_ratio, half_range=self.half
+            )
+        return QSpec(
+            self.bits,
+            self.symmetric,
+            "group",
+            self.group_size,
+            clip_ratio=self.clip_ratio,
+            ragged=self.ragged,
+            half_range=self.half,
+        )
+
+    @property
+    def half(self) -> bool:
+        return self.grid == "half_range"
+
+    @model_validator(mode="after")
+    def _grid_needs_symmetric(self) -> WeightScheme:
+        if self.grid == "half_range" and not self.symmetric:
+            raise ValueError(
+                "weights.grid: half_range is a symmetric grid; set symmetric: true or grid: qmax"
+            )
+        return self
 
 
 class ActScheme(Closed):
@@ -39,12 +73,20 @@ class ActScheme(Closed):
     ragged: bool = Field(
         False, description="allow a shorter last group when group_size does not divide the width"
     )
+    grid: Literal["qmax", "half_range"] = Field("qmax", description=GRID_DOC)
 
     def spec(self) -> QSpec:
+        half = self.grid == "half_range"
         if self.group_size is None:
-            return QSpec(self.bits, True, "token", clip_ratio=self.clip_ratio)
+            return QSpec(self.bits, True, "token", clip_ratio=self.clip_ratio, half_range=half)
         return QSpec(
-            self.bits, True, "group", self.group_size, clip_ratio=self.clip_ratio, ragged=self.ragged
+            self.bits,
+            True,
+            "group",
+            self.group_size,
+            clip_ratio=self.clip_ratio,
+            ragged=self.ragged,
+            half_range=half,
         )
 
 

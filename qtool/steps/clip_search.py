@@ -13,6 +13,12 @@ inputs produced by the earlier layers with their chosen ratios. Run it after ``r
 before ``gptq``/``rtn`` (whose sequential passes then see the final activation quantizers). The
 ratios are run-time settings: recorded in ``ctx.runtime["clip_search"]`` and re-applied by the
 loader; the packed kernels take a ratio per linear / per layer as well.
+
+Under torchrun each rank pushes its share of the calibration windows; the per-candidate error
+tallies (squared output errors; K and V squared errors and norms) are summed over ranks in float64
+before the argmin, so every rank picks the same ratios. The tokens used per quantizer are a stride
+within each window (positions ``0, s, 2s, ...``, ``s`` from the total token count), so the sample
+does not depend on the number of ranks or the batch size.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import ClassVar
 
 import torch
 from pydantic import Field, field_validator
 
+from qtool import dist
 from qtool.errors import QtoolError
 from qtool.quant.quantizer import fake_quant
 from qtool.steps import register
@@ -44,6 +52,8 @@ class ClipSearch(StepConfig):
     max_tokens: int = Field(8192, ge=64, description="calibration tokens used per quantizer (evenly strided)")
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
 
+    data_parallel: ClassVar[bool] = True  # error tallies summed over ranks before each choice
+
     @field_validator("grid")
     @classmethod
     def _grid(cls, v: list[float]) -> list[float]:
@@ -60,15 +70,26 @@ class ClipSearch(StepConfig):
                 "`clip_search` needs scheme.activations or scheme.kv_cache (nothing to calibrate)"
             )
         start = time.perf_counter()
-        runner = LayerwiseRunner(ctx, self.batch_size, offload=True)
+        runner = LayerwiseRunner(ctx, self.batch_size, offload=True, shard=True)
         n_tokens = sum(x.shape[0] * x.shape[1] for x in runner.inputs)
+        if dist.active():  # every rank's windows: the stride is the same on all ranks
+            n_tokens = int(dist.sum_(torch.tensor([float(n_tokens)])).item())
         stride = max(1, n_tokens // self.max_tokens)
+        seq = runner.inputs[0].shape[1] if runner.inputs else 1
         act: dict[str, float] = {}
         kv: dict[str, float] = {}
         gains: list[float] = []
 
         def subsample(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(-1, x.shape[-1])[::stride].detach().float().cpu()
+            """Rows ``0, s, 2s, ...`` of each window (``x``: ``[windows, rows, ..., D]``)."""
+            x = x.reshape(x.shape[0], -1, x.shape[-1])[:, ::stride]
+            return x.reshape(-1, x.shape[-1]).detach().float().cpu()
+
+        def tally(values: list[float]) -> list[float]:
+            """Per-candidate sums over every rank's tokens (float64; alone: the values)."""
+            if not dist.active():
+                return values
+            return dist.sum_(torch.tensor(values, dtype=torch.float64)).tolist()
 
         def search_layer(i: int, layer) -> None:
             lins = {}
@@ -97,9 +118,12 @@ class ClipSearch(StepConfig):
             for name, lin in lins.items():
                 X = torch.cat(xs[name])
                 W = lin.weight.data.float().cpu()
-                errs = [
-                    float(((X - fake_quant(X, _clip(lin.act_spec, c))) @ W.T).pow(2).sum()) for c in self.grid
-                ]
+                errs = tally(
+                    [
+                        float(((X - fake_quant(X, _clip(lin.act_spec, c))) @ W.T).pow(2).sum())
+                        for c in self.grid
+                    ]
+                )
                 best = min(range(len(errs)), key=errs.__getitem__)
                 ref = (
                     errs[self.grid.index(lin.act_spec.clip_ratio)]
@@ -113,12 +137,18 @@ class ClipSearch(StepConfig):
             if do_kv and st.k_spec is not None:
                 K, V = torch.cat(kvs["k"]), torch.cat(kvs["v"])
 
-                def rel(x, spec, c):
-                    return float(
-                        (x - fake_quant(x, _clip(spec, c))).pow(2).sum() / x.pow(2).sum().clamp_min(1e-30)
-                    )
+                def sq_err(x, spec, c):
+                    return float((x - fake_quant(x, _clip(spec, c))).pow(2).sum())
 
-                errs = [rel(K, st.k_spec, c) + rel(V, st.v_spec, c) for c in self.grid]
+                # K's and V's squared errors per candidate and their squared norms, summed over ranks
+                t = tally(
+                    [sq_err(K, st.k_spec, c) for c in self.grid]
+                    + [sq_err(V, st.v_spec, c) for c in self.grid]
+                    + [float(K.pow(2).sum()), float(V.pow(2).sum())]
+                )
+                n = len(self.grid)
+                nk, nv = max(t[2 * n], 1e-30), max(t[2 * n + 1], 1e-30)
+                errs = [t[j] / nk + t[n + j] / nv for j in range(n)]
                 best = self.grid[min(range(len(errs)), key=errs.__getitem__)]
                 st.k_spec, st.v_spec = _clip(st.k_spec, best), _clip(st.v_spec, best)
                 kv[f"layers.{i}"] = best
@@ -131,7 +161,7 @@ class ClipSearch(StepConfig):
             {
                 "act": act,
                 "kv": kv,
-                "tokens_per_quantizer": min(n_tokens, -(-n_tokens // stride)),
+                "tokens_per_quantizer": (n_tokens // seq) * -(-seq // stride),  # windows x strided rows
                 # calibration output error at the chosen ratio / at the scheme's ratio, per linear
                 "mean_error_vs_scheme_clip": sum(gains) / len(gains) if gains else None,
                 "max_error_vs_scheme_clip": max(gains) if gains else None,

@@ -20,6 +20,11 @@ smoothing (and optionally a learnable weight clip per row/group, OmniQuant-style
 with the cross-block loss: ``own * MAE(block_i) + cross * MAE(after the next k full-precision
 blocks)``; with ``learn_clip`` the weights are finally quantized with the learned clip.
 What the runtime needs is recorded in ``ctx.runtime["kv_smooth"]``.
+
+Under torchrun the statistics start is data-parallel: each rank takes its share of the windows and
+the per-channel minima and maxima are reduced over ranks (exact, so the start does not depend on the
+number of ranks). ``learn`` is not data-parallel yet: every rank trains on all windows (the same
+result everywhere, logged at the start of the step).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from qtool import dist
 from qtool.algorithms.kv_smooth import fold_linear
 from qtool.config import Closed
 from qtool.errors import QtoolError
@@ -84,6 +90,10 @@ class KVSmooth(StepConfig):
     )
     batch_size: int = Field(8, ge=1, description="calibration windows per forward (statistics)")
 
+    def runs_data_parallel(self) -> bool:
+        # the statistics start is reduced over ranks; `learn` trains on every rank over all windows
+        return self.learn is None
+
     def apply(self, ctx) -> None:
         if ctx.scheme.kv_cache is None:
             raise QtoolError("`kv_smooth` needs scheme.kv_cache (it smooths the quantized KV cache)")
@@ -103,7 +113,8 @@ class KVSmooth(StepConfig):
             set_quantization_enabled(fp, False)
             fp_layers = adapter.layers(fp)
         else:
-            runner = LayerwiseRunner(ctx, self.batch_size, offload=True)
+            # statistics only: each rank its share of the windows, min / max reduced over ranks
+            runner = LayerwiseRunner(ctx, self.batch_size, offload=True, shard=True)
             fp_layers = None
         layers_entry: list[dict] = []
         fold_k = self.fold and adapter.attention(adapter.layers(model)[0]).qtool.qk_rotate is None
@@ -173,7 +184,8 @@ def _kv_stats(runner, layer):
         runner.forward_all(layer)
     finally:
         del st.quantize_kv
-    return acc["kmin"], acc["kmax"], acc["vmin"], acc["vmax"]
+    # under torchrun every rank saw its own windows: the extremes over all of them (exact)
+    return dist.min_(acc["kmin"]), dist.max_(acc["kmax"]), dist.min_(acc["vmin"]), dist.max_(acc["vmax"])
 
 
 def init_smoothing(kmin, kmax, vmin, vmax, alpha: float, shift: bool = True) -> dict[str, torch.Tensor]:

@@ -38,6 +38,11 @@ class StepConfig(Closed):
     # every rank runs it on all windows (same result on every rank, no speed-up)
     data_parallel: ClassVar[bool] = False
 
+    def runs_data_parallel(self) -> bool:
+        """Whether this configuration of the step splits its windows over ranks (``data_parallel``
+        unless a step's option, e.g. ``kv_smooth``'s ``learn``, makes it run everywhere)."""
+        return type(self).data_parallel
+
     def apply(self, ctx) -> None:  # pragma: no cover - every registered step overrides it
         raise NotImplementedError
 

@@ -215,7 +215,7 @@ def run_streaming(
     runner = None
     if calibrated:
         batch = next(s.batch_size for s in others if type(s).needs_runner)
-        shard = all(type(s).data_parallel for s in others if type(s).needs_runner)
+        shard = all(s.runs_data_parallel() for s in others if type(s).needs_runner)
         runner = LayerwiseRunner(ctx, batch, offload=True, shard=shard)
         if saved:
             runner.inputs = state.inputs(start_layer - 1)

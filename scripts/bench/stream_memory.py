@@ -77,8 +77,11 @@ def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None, loa
         res["load_check"] = "not run (--no-load-check)"
     elif proc.returncode == 0:
         res["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        t_ev = time.perf_counter()
         ev = subprocess.run(
             [
+                "/usr/bin/time",
+                "-v",
                 str(REPO / ".venv/bin/qtool"),
                 "eval",
                 str(out),
@@ -99,8 +102,11 @@ def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None, loa
             "ok"
             if ev.returncode == 0
             else f"failed (exit {ev.returncode}{', killed' if ev.returncode < 0 else ''}): "
-            f"{ev.stderr.strip().splitlines()[-1:]}"
+            f"{[ln for ln in ev.stderr.splitlines() if ln.strip() and not ln.startswith((chr(9), 'Command'))][-1:]}"
         )
+        ev_rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", ev.stderr)
+        res["load_check_peak_rss_gb"] = int(ev_rss.group(1)) / 2**20 if ev_rss else None  # GiB
+        res["load_check_wall_seconds"] = round(time.perf_counter() - t_ev, 1)
         ppl = re.search(r"ppl[^0-9]*([0-9.]+)", ev.stdout)
         res["load_check_ppl"] = float(ppl.group(1)) if ppl else None
     return res
@@ -160,6 +166,11 @@ def main() -> None:
             f"| W4A16 g128 {kind} | {'--stream' if r['stream'] else 'in memory'}{limit} | {rss} | "
             f"{r['wall_seconds']:.0f} s | {r['exit_status']} | {r.get('load_check', '-')}"
             + (f" (ppl {r['load_check_ppl']:.4g})" if r.get("load_check_ppl") else "")
+            + (
+                f", eval peak RSS {r['load_check_peak_rss_gb']:.2f} GiB, {r['load_check_wall_seconds']:.0f} s"
+                if r.get("load_check_peak_rss_gb")
+                else ""
+            )
             + f" | {note} |"
         )
     (RESULTS / f"{args.out}.md").write_text("\n".join(md) + "\n")

@@ -47,12 +47,16 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "results"
 
 # --- the comparisons ------------------------------------------------------------------------------
+# compressed-tensors' symmetric grid: scale = amax / ((qmax - qmin) / 2) = amax / 7.5 at 4 bits, codes
+# clamped to [-8, 7]; qtool's default is amax / 7 (the largest magnitude lands on a code). qtool's
+# `grid: half_range` is the peer's grid, for weights and activations alike.
 # Each comparison is one setting written for both tools: qtool_recipe() turns it into qtool's YAML,
 # peer_settings() into llm-compressor's modifiers (built in the peer worker).
 RECIPES: dict[str, dict] = {
     "w4a16-g64": {
         "label": "W4A16 g64 GPTQ, act-order (static groups)",
-        "scheme": "scheme: {preset: W4A16, weights: {bits: 4, symmetric: true, group_size: 64}}",
+        "scheme": "scheme: {preset: W4A16, weights: {bits: 4, symmetric: true, group_size: 64, "
+        "grid: half_range}}",
         "rotate": False,
         "act_order": True,
         "weights": {"strategy": "group", "group_size": 64},
@@ -61,8 +65,8 @@ RECIPES: dict[str, dict] = {
     },
     "w4a4-rot": {
         "label": "W4A4 rotate (residual, down_proj, per-head V/O) + GPTQ per-channel, A4 per token, no act-order",
-        "scheme": "scheme: {preset: W4A4, weights: {bits: 4, symmetric: true, group_size: null}, "
-        "activations: {bits: 4, clip_ratio: 1.0}}",
+        "scheme": "scheme: {preset: W4A4, weights: {bits: 4, symmetric: true, group_size: null, "
+        "grid: half_range}, activations: {bits: 4, clip_ratio: 1.0, grid: half_range}}",
         "rotate": True,
         "act_order": False,
         "weights": {"strategy": "channel"},
@@ -71,8 +75,8 @@ RECIPES: dict[str, dict] = {
     },
     "w4a4-rot-ao": {
         "label": "W4A4 rotate + GPTQ per-channel, A4 per token, act-order (the peer's default)",
-        "scheme": "scheme: {preset: W4A4, weights: {bits: 4, symmetric: true, group_size: null}, "
-        "activations: {bits: 4, clip_ratio: 1.0}}",
+        "scheme": "scheme: {preset: W4A4, weights: {bits: 4, symmetric: true, group_size: null, "
+        "grid: half_range}, activations: {bits: 4, clip_ratio: 1.0, grid: half_range}}",
         "rotate": True,
         "act_order": True,
         "weights": {"strategy": "channel"},
@@ -490,8 +494,8 @@ def render(data: dict) -> str:
             "",
             "Mean over seeds:",
             "",
-            "| recipe | time ratio | CPU ratio | RSS ratio | ppl qtool | ppl peer | ppl ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| recipe | seeds | time ratio | CPU ratio | RSS ratio | ppl qtool | ppl peer | ppl ratio |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name in s["recipes"]:
             rs = [r for r in data["rows"] if r["recipe"] == name]
@@ -499,7 +503,8 @@ def render(data: dict) -> str:
             pp = _mean([r.get("peer_eval", {}).get("ppl") for r in rs])
             means = [fmt(_mean([r["ratios"][k] for r in rs])) for k in ("wall", "cpu", "rss")]
             md.append(
-                f"| {name} | {' | '.join(means)} | {fmt(pq, '.3f')} | {fmt(pp, '.3f')} | "
+                f"| {name} | {','.join(str(r['seed']) for r in rs)} | {' | '.join(means)} | "
+                f"{fmt(pq, '.3f')} | {fmt(pp, '.3f')} | "
                 f"{fmt(ratio(pq, pp), '.3f')} |"
             )
     shares = [x for r in data["rows"] for x in (r["qtool"].get("cpu_share"), r["peer"].get("cpu_share")) if x]
@@ -566,7 +571,17 @@ def main() -> None:
         "--keep", default=None, help="keep checkpoints and logs in this folder (default: a temp folder)"
     )
     p.add_argument("--out", default=None, help="results/<out>.{json,md} (default vs_llmcompressor[_smoke])")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="no run: merge result files of separate runs (e.g. one per seed) into results/<out>.{json,md}",
+    )
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge, args.out or "vs_llmcompressor")
+        return
     if args.smoke:
         args.calib_samples, args.calib_seq_len, args.limit = 4, 128, 1
         if args.recipes == DEFAULT_RECIPES:
@@ -695,6 +710,40 @@ def main() -> None:
     print(render(data))
     if tmp is not None:
         tmp.cleanup()
+
+
+def merge(paths: list[str], out_name: str) -> None:
+    """One table from runs made separately (split over processes or sessions): their rows in order;
+    the runs must share every setting but the seeds (and may cover different recipes)."""
+    runs = [json.loads(Path(f).read_text()) for f in paths]
+    keep = ("seeds", "recipes")
+    base = {k: v for k, v in runs[0]["settings"].items() if k not in keep}
+    for f, r in zip(paths, runs, strict=True):
+        other = {k: v for k, v in r["settings"].items() if k not in keep}
+        if other != base:
+            diff = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
+            raise SystemExit(f"{f}: settings differ from {paths[0]} in {diff}; not merged")
+    rows = [row for r in runs for row in r["rows"]]
+    recipes = list(dict.fromkeys(name for r in runs for name in r["settings"]["recipes"]))
+    seeds = sorted({row["seed"] for row in rows})
+    data = {
+        **runs[0],
+        "settings": {**runs[0]["settings"], "seeds": seeds, "recipes": recipes},
+        "command": "; ".join(r["command"] for r in runs) + f"; merged by `{command_line()}`",
+        "total_seconds": sum(r["total_seconds"] for r in runs),
+        "merged_from": [str(f) for f in paths],
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(data, indent=2))
+    (RESULTS / f"{out_name}.md").write_text(render(data))
+    print(render(data))
+
+
+def command_line() -> str:
+    from scripts.tables.common import command
+
+    return command()
 
 
 def worker_main(kind: str, spec_path: str) -> None:

@@ -17,6 +17,13 @@ RECIPES = {
     "gptq": ("W4A16", "[{gptq: {act_order: true, batch_size: 2}}]"),
     "rotate+gptq": ("W4A4KV4", "[rotate, {gptq: {act_order: true, batch_size: 2}}]"),
     "lowrank": ("W4A4", "[rotate, {lowrank: {rank: 4, batch_size: 2}}]"),
+    # statistics reduced over ranks: kv_smooth's per-channel min / max, clip_search's error tallies
+    # (max_tokens 64 of 256: every 4th row of each window)
+    "kv_smooth+clip_search": (
+        "W4A4KV4",
+        "[{kv_smooth: {batch_size: 2}}, {clip_search: {batch_size: 2, max_tokens: 64}}, "
+        "{gptq: {batch_size: 2}}]",
+    ),
 }
 RECIPE = """model: {model}
 device: cpu
@@ -79,15 +86,25 @@ def test_two_ranks_agree_with_one_and_rank_0_alone_writes(tiny_llama_dir, tmp_pa
     ca = torch.cat([codes(a[k]) for k in packed])
     cb = torch.cat([codes(b[k]) for k in packed])
     assert (ca == cb).float().mean() >= 0.999, (ca != cb).sum()
-    for k in a:
-        if k.endswith("weight_scale"):
-            torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-2, atol=0)
+    # scales: equal but for a rare neighbouring choice of the MSE clip search (grid steps of 1%) on a
+    # near tie, when the summation order moved the group's weights by a rounding error
+    sa = torch.cat([a[k].float().reshape(-1) for k in a if k.endswith("weight_scale")])
+    sb = torch.cat([b[k].float().reshape(-1) for k in a if k.endswith("weight_scale")])
+    far = ((sa - sb).abs() > 1e-2 * sa.abs()).float().mean()
+    assert far <= 0.01 and ((sa - sb).abs() <= 0.02 * sa.abs()).all(), far
     if kind == "lowrank":  # the LoRA factors, solved by their owner rank and broadcast
         la = load_file(str(single / "adapter_model.safetensors"))
         lb = load_file(str(two / "adapter_model.safetensors"))
         assert la.keys() == lb.keys() and len(la) > 0
         for k in la:
             torch.testing.assert_close(la[k].float(), lb[k].float(), rtol=0.05, atol=2e-3)
+    if kind == "kv_smooth+clip_search":  # min / max exact; the same ratio wins every argmin
+        ra = json.loads((single / "qtool.json").read_text())["runtime"]
+        rb = json.loads((two / "qtool.json").read_text())["runtime"]
+        assert ra["kv_smooth"] == rb["kv_smooth"]
+        assert ra["clip_search"] == rb["clip_search"]
+        assert len(ra["clip_search"]["act"]) == 2 * 7 and len(ra["clip_search"]["kv"]) == 2
+        assert "step clip_search" in res.stderr and "not data-parallel" not in res.stderr, res.stderr[-2000:]
     p1, p2 = ppl(single, text_file), ppl(two, text_file)
     assert abs(p2 - p1) / p1 <= 1e-3, (p1, p2)
     # the log comes from rank 0 only; each linear is solved once and its codes reach every rank

@@ -9,6 +9,7 @@ import torch
 
 from qtool import api
 from qtool.eval.perplexity import perplexity
+from qtool.export.loader import load_checkpoint
 from qtool.models.loading import load_hf_model
 from qtool.models.prepare import prepare_model
 from qtool.recipe import Recipe, parse_recipe
@@ -111,6 +112,12 @@ def test_rotated_w4a4kv4_export_reload_same_ppl(tiny_model_dir, tmp_path, head_m
     assert info["kind"] == "checkpoint"
     again = perplexity(model, tok, seq_len=128, limit=3).ppl
     assert abs(again - mem) / mem < 1e-4
+    # evaluation on the CPU keeps only the dequantized weights, not the codes beside them: same math
+    down = model.model.layers[0].mlp.down_proj
+    assert down.qweight is None and down.weight_spec.bits == 4 and "W4A4" in down.extra_repr()
+    with_codes, _, _ = load_checkpoint(out, "float32", "cpu")
+    assert with_codes.model.layers[0].mlp.down_proj.qweight is not None
+    assert perplexity(with_codes, tok, seq_len=128, limit=3).ppl == again
     assert model.model.layers[0].mlp.down_proj.input_transform is not None
     assert (model.model.layers[0].self_attn.o_proj.input_transform is not None) == head_mix
 

@@ -353,3 +353,34 @@ def test_math_constants_documented():
         -3.5,
         rel_tol=1e-6,
     )
+
+
+def test_half_range_grid_is_compressed_tensors_symmetric_convention():
+    """``grid: half_range``: scale = amax / 7.5 at 4 bits, codes clamped to [-8, 7] (written out here
+    as compressed-tensors computes it), for weights per group and activations per token alike."""
+    from qtool.quant.scheme import ActScheme, WeightScheme
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=g)
+    spec = WeightScheme(bits=4, group_size=64, grid="half_range").spec()
+    scale, zero = compute_qparams(w, spec)
+    codes = quantize(w, scale, zero, spec)
+    wg = w.reshape(32, 2, 64)
+    ref_scale = wg.abs().amax(-1) / 7.5
+    ref_codes = torch.clamp(torch.round(wg / ref_scale[..., None]), -8, 7).reshape(32, 128)
+    assert torch.equal(scale, ref_scale) and torch.equal(codes.float(), ref_codes)
+    assert int(codes.min()) == -8 and int(codes.max()) == 7  # both ends of the grid are used
+    x = torch.randn(16, 576, generator=g)
+    a = ActScheme(bits=4, grid="half_range").spec()
+    s = x.abs().amax(-1, keepdim=True) / 7.5
+    assert torch.equal(fake_quant(x, a), torch.clamp(torch.round(x / s), -8, 7) * s)
+    # the default grid puts amax on code 7 (and never reaches -8)
+    q = quantize(w, *compute_qparams(w, WeightScheme(bits=4, group_size=64).spec()), spec)
+    assert int(q.min()) >= -7
+
+
+def test_half_range_grid_needs_symmetric_weights():
+    from qtool.quant.scheme import WeightScheme
+
+    with pytest.raises(ValueError, match="symmetric"):
+        WeightScheme(bits=4, symmetric=False, grid="half_range")
