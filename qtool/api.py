@@ -42,11 +42,13 @@ def run_recipe(
     export: bool = True,
     stream: bool = False,
     stop_after: int | None = None,
+    resume: bool = False,
 ):
     """Run every step of ``recipe``; export to ``output`` (or the recipe's) when ``export``.
 
     ``stream``: run layer by layer over the model's shards, exporting as it goes, resuming an
-    interrupted run of the same command (:mod:`qtool.steps.streaming`); ``stop_after`` is its
+    interrupted run of the same command (:mod:`qtool.steps.streaming`); ``resume`` (implies
+    ``stream``) insists on it: an error when there is no interrupted run; ``stop_after`` is its
     test hook (stop after that decoder layer, as a crash would). Returns the step
     :class:`~qtool.steps.base.Context` (model, tokenizer, results).
     """
@@ -63,9 +65,16 @@ def run_recipe(
         if out is None:
             raise QtoolError("no output folder: pass --output DIR or set `output:` in the recipe")
         check_output(out, overwrite)  # fail before hours of work, not after
+        if resume:
+            from qtool.steps.streaming import check_resumable
+
+            stream = True
+            check_resumable(out)
         if "export" not in names:
             steps.append(parse_step("export", len(steps)))
     else:
+        if resume:
+            raise QtoolError("--resume continues an interrupted export: it needs an output folder")
         steps = [s for s in steps if step_name(s) != "export"]
     device = dist.init(resolve_device(recipe.device))  # joins the process group under torchrun
     planted = os.environ.get("QTOOL_TEST_FAIL_RANK")  # test hook: a failure on one rank
@@ -105,10 +114,16 @@ def run_recipe(
     return ctx
 
 
-def quantize(recipe: str | Path | Recipe, output=None, overwrite: bool = False, stream: bool = False):
+def quantize(
+    recipe: str | Path | Recipe,
+    output=None,
+    overwrite: bool = False,
+    stream: bool = False,
+    resume: bool = False,
+):
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return run_recipe(recipe, output, overwrite, export=True, stream=stream)
+    return run_recipe(recipe, output, overwrite, export=True, stream=stream, resume=resume)
 
 
 def use_kernels(kernels: str, model) -> bool:

@@ -107,6 +107,12 @@ def quantize(
         help="read one decoder layer at a time from the model's safetensors shards and export as it goes "
         "(models larger than host memory); re-running an interrupted --stream command resumes it",
     ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="continue an interrupted --stream run of the same recipe, model and calibration after its "
+        "last finished layer (implies --stream); an error when there is none",
+    ),
 ) -> None:
     """Run a recipe and export the quantized checkpoint."""
     from qtool import api
@@ -118,7 +124,7 @@ def quantize(
         r = load_recipe(recipe)
         if device:
             r.device = device
-        ctx = api.quantize(r, output, overwrite, stream=stream)
+        ctx = api.quantize(r, output, overwrite, stream=stream, resume=resume)
     except QtoolError as exc:
         _fail(exc)
     from qtool import dist

@@ -156,6 +156,17 @@ class StreamState:
             return [fh.get_tensor(k) for k in sorted(fh.keys())]
 
 
+def check_resumable(output: str | Path) -> None:
+    """``--resume``: there must be an interrupted run of ``output`` to continue (checked before any
+    work; whether it is a run of the same recipe, model and calibration is checked once they are read)."""
+    tmp = partial_folder(Path(output))
+    if StreamState(tmp).load() is None:
+        raise QtoolError(
+            f"--resume: no interrupted run of {output} to continue (no saved state in {tmp}); run the "
+            "command without --resume to start one (a --stream run saves its state after every layer)"
+        )
+
+
 def run_streaming(
     recipe, steps: list, output: str | Path, overwrite: bool = False, stop_after: int | None = None
 ):

@@ -145,7 +145,9 @@ def test_a_two_rank_streamed_run_killed_on_rank_1_resumes_to_the_same_bytes(tiny
         "inputs-rank000-0.safetensors",
         "inputs-rank001-0.safetensors",
     ]
-    resumed = quantize(tmp_path, tiny_llama_dir, "resumed", 2, kind="rotate+gptq", extra=("--stream",))
+    resumed = quantize(
+        tmp_path, tiny_llama_dir, "resumed", 2, kind="rotate+gptq", extra=("--resume",)
+    )  # the CLI flag: implies --stream
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout + resumed.stderr
     names = sorted(p.name for p in (tmp_path / "whole").iterdir())

@@ -119,9 +119,12 @@ def test_a_stopped_run_resumes_to_the_same_bytes_and_refuses_a_changed_recipe(sh
     changed = recipe(sharded, ["rotate", {"gptq": {"act_order": True, "damp": 0.02}}], "W4A4KV4")
     with pytest.raises(QtoolError, match="different recipe"):
         run_recipe(changed, out, stream=True)
+    with pytest.raises(QtoolError, match="no interrupted run"):  # --resume with nothing to resume
+        run_recipe(r, tmp_path / "never-started", resume=True)
+    assert not partial_folder(tmp_path / "never-started").exists()
     with pytest.raises(StreamInterrupted):  # resumes at layer 1, stops again after it
         run_recipe(r, out, stream=True, stop_after=1)
-    ctx = run_recipe(r, out, stream=True)
+    ctx = run_recipe(r, out, resume=True)  # --resume implies --stream
     same_files(tmp_path / "whole", out)
     assert not partial_folder(out).exists()
     assert len(ctx.results["gptq"]["layer_errors"]) == 3 * 7  # the records of the earlier attempts are kept
