@@ -160,7 +160,7 @@ def load(target: str, dtype: str = "float32", device: str = "auto", kernels: str
         check_checkpoint_files(target)
         # the integer codes are only needed to pack for the kernels (CUDA); without them the loaded
         # model is the dequantized weights alone (a 7B model: 13.5 GB in bf16, not 20 GB)
-        packing = kernels != "off" and resolve_device(device).type == "cuda"
+        packing = kernels == "on" or (kernels == "auto" and resolve_device(device).type == "cuda")
         model, tok, meta = load_checkpoint(target, dtype, device, keep_codes=packing)
         info = {"kind": "checkpoint", "scheme": meta["scheme"], "format": meta["format"]}
         if use_kernels(kernels, model):
