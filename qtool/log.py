@@ -80,7 +80,7 @@ def track(
             eta = f", ETA {_seconds(elapsed / k * (total - k))}" if total else ""
             extra = f", {detail()}" if detail is not None else ""
             logger.info(
-                "%s: %d/%s done, elapsed %s%s, peak RSS %.2f GB%s",
+                "%s: %d/%s done, elapsed %s%s, peak RSS %.2f GiB%s",
                 description,
                 k,
                 total if total is not None else "?",
