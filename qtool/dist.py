@@ -67,31 +67,25 @@ def shard(n: int) -> list[int]:
     return [i for i in range(n) if i % world() == rank()]
 
 
+def _reduced(t: torch.Tensor, op) -> torch.Tensor:
+    out = t.clone()
+    td.all_reduce(out, op=op)
+    return out
+
+
 def sum_(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` over ranks, in float64 (``t`` itself when alone)."""
-    if not active():
-        return t
-    out = t.to(torch.float64).clone()
-    td.all_reduce(out)
-    return out
+    return _reduced(t.to(torch.float64), td.ReduceOp.SUM) if active() else t
 
 
 def min_(t: torch.Tensor) -> torch.Tensor:
     """The elementwise minimum of ``t`` over ranks (exact: no summation order)."""
-    if not active():
-        return t
-    out = t.clone()
-    td.all_reduce(out, op=td.ReduceOp.MIN)
-    return out
+    return _reduced(t, td.ReduceOp.MIN) if active() else t
 
 
 def max_(t: torch.Tensor) -> torch.Tensor:
     """The elementwise maximum of ``t`` over ranks (exact)."""
-    if not active():
-        return t
-    out = t.clone()
-    td.all_reduce(out, op=td.ReduceOp.MAX)
-    return out
+    return _reduced(t, td.ReduceOp.MAX) if active() else t
 
 
 def owner(index: int) -> int:
