@@ -85,7 +85,14 @@ def quant_result(quantized, tmp_path_factory):
 def test_checkpoint_written(quantized):
     ctx, out = quantized
     meta = json.loads((out / "qtool.json").read_text())
-    assert meta["scheme"]["weights"] == {"bits": 4, "symmetric": True, "group_size": 64, "ragged": False}
+    assert meta["scheme"]["weights"] == {
+        "bits": 4,
+        "symmetric": True,
+        "group_size": 64,
+        "ragged": False,
+        "clip_ratio": 1.0,
+        "grid": "qmax",
+    }
     assert len(meta["quantized_modules"]) == 30 * 7
     exp = ctx.results["export"]
     # 4-bit codes + a bf16 scale per 64 weights: about 4.25 bits per decoder-linear weight
