@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from qtool import api
 from qtool.cli import app
 from qtool.eval.perplexity import eval_token_ids, perplexity
+from qtool.export.loader import load_checkpoint
 from qtool.models.prepare import iter_qlinears
 from qtool.quant.quantizer import sqnr_db
 from qtool.recipe import load_recipe, parse_recipe
@@ -154,7 +155,7 @@ def test_round_trip_and_quality(name, exported, eval_ids, fp_logits, text_file):
 def test_reloaded_qlinears_hold_the_exported_codes(name, exported):
     case = CASES[name]
     ctx, out, _ = exported(name)
-    model, _, _ = api.load(str(out), device="cpu")
+    model, _, _ = load_checkpoint(out, device="cpu")  # with the codes (evaluation drops them)
     mem = {(i, n): lin for i, n, lin in iter_qlinears(ctx.model)}
     seen = 0
     for i, n, lin in iter_qlinears(model):
