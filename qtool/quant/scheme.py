@@ -37,10 +37,9 @@ class WeightScheme(Closed):
     grid: Literal["qmax", "half_range"] = Field("qmax", description=GRID_DOC)
 
     def spec(self) -> QSpec:
+        half = self.grid == "half_range"
         if self.group_size is None:
-            return QSpec(
-                self.bits, self.symmetric, "channel", clip_ratio=self.clip_ratio, half_range=self.half
-            )
+            return QSpec(self.bits, self.symmetric, "channel", clip_ratio=self.clip_ratio, half_range=half)
         return QSpec(
             self.bits,
             self.symmetric,
@@ -48,12 +47,8 @@ class WeightScheme(Closed):
             self.group_size,
             clip_ratio=self.clip_ratio,
             ragged=self.ragged,
-            half_range=self.half,
+            half_range=half,
         )
-
-    @property
-    def half(self) -> bool:
-        return self.grid == "half_range"
 
     @model_validator(mode="after")
     def _grid_needs_symmetric(self) -> WeightScheme:
