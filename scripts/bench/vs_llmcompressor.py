@@ -476,7 +476,7 @@ def render(data: dict) -> str:
         f"quantize = whole process under /usr/bin/time -v (imports, load, calibration, export), qtool on core 0 "
         f"and llm-compressor on core 1 at the same time, one thread each; {data['machine']}.{smoke}",
         "",
-        "| recipe | seed | time s (qtool / peer / ratio) | CPU s (qtool / peer / ratio) | peak RSS GB (qtool / peer / ratio) | ppl qtool | ppl peer | ppl ratio |",
+        "| recipe | seed | time s (qtool / peer / ratio) | CPU s (qtool / peer / ratio) | peak RSS GiB (qtool / peer / ratio) | ppl qtool | ppl peer | ppl ratio |",
         "|---|---:|---|---|---|---:|---:|---:|",
     ]
     for r in data["rows"]:
