@@ -72,8 +72,7 @@ class ClipSearch(StepConfig):
         start = time.perf_counter()
         runner = LayerwiseRunner(ctx, self.batch_size, offload=True, shard=True)
         n_tokens = sum(x.shape[0] * x.shape[1] for x in runner.inputs)
-        if dist.active():  # every rank's windows: the stride is the same on all ranks
-            n_tokens = int(dist.sum_(torch.tensor([float(n_tokens)])).item())
+        n_tokens = int(dist.sum_(torch.tensor([float(n_tokens)])).item())  # all ranks': one stride
         stride = max(1, n_tokens // self.max_tokens)
         seq = runner.inputs[0].shape[1] if runner.inputs else 1
         act: dict[str, float] = {}
@@ -87,8 +86,6 @@ class ClipSearch(StepConfig):
 
         def tally(values: list[float]) -> list[float]:
             """Per-candidate sums over every rank's tokens (float64; alone: the values)."""
-            if not dist.active():
-                return values
             return dist.sum_(torch.tensor(values, dtype=torch.float64)).tolist()
 
         def search_layer(i: int, layer) -> None:

@@ -40,6 +40,12 @@ def recipe_text(model: str, kind: str) -> str:
     )
 
 
+def last_line(text: str) -> str:
+    """What a command printed last, without /usr/bin/time's own report."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("\t", "Command "))]
+    return lines[-1] if lines else ""
+
+
 def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None, load_check: bool) -> dict:
     kind, mode = row.split("-")
     recipe = workdir / f"{kind}.yaml"
@@ -57,11 +63,6 @@ def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None, loa
     wall = time.perf_counter() - start
     err = proc.stderr
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
-    lines = [  # what qtool printed last, without /usr/bin/time's own report
-        ln
-        for ln in (proc.stdout + err).splitlines()
-        if ln.strip() and not ln.startswith("\t") and not ln.startswith("Command ")
-    ]
     res = {
         "row": row,
         "recipe": recipe_text(model, kind),
@@ -70,7 +71,7 @@ def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None, loa
         "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else None,  # GiB (the key keeps its old name)
         "wall_seconds": round(wall, 1),
         "mem_limit_gb": mem_limit_gb,
-        "last_line": lines[-1][:300] if lines else "",
+        "last_line": last_line(proc.stdout + err)[:300],
     }
     if proc.returncode == 0 and not load_check:
         res["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -102,7 +103,7 @@ def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None, loa
             "ok"
             if ev.returncode == 0
             else f"failed (exit {ev.returncode}{', killed' if ev.returncode < 0 else ''}): "
-            f"{[ln for ln in ev.stderr.splitlines() if ln.strip() and not ln.startswith((chr(9), 'Command'))][-1:]}"
+            f"{last_line(ev.stderr)}"
         )
         ev_rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", ev.stderr)
         res["load_check_peak_rss_gb"] = int(ev_rss.group(1)) / 2**20 if ev_rss else None  # GiB
