@@ -9,6 +9,14 @@ of memory under `--mem-limit-gb`, an address-space limit set with `ulimit -v` so
 clean allocation error instead of the kernel's OOM killer) is recorded with its exit status and the
 last line it printed. Results go to results/<out>.{json,md}. Recipes: W4A16 g128 RTN and W4A16
 g128 GPTQ with calibration 16 x 256 (enough to measure memory, not a quality setting).
+
+A streamed 7B GPTQ row takes hours of one core. With `--workdir DIR` the recipe and the output stay
+in DIR, so a row that was interrupted (session end, preemption) continues where it stopped when the
+same command is run again: `qtool quantize --stream` resumes from its `.<output>.partial` folder by
+itself. Each run of a row is one segment (its peak RSS, wall time and the decoder layer it started
+at, kept in DIR/<row>.segments.json); the finished row's peak RSS is the largest of its segments and
+its wall time their sum. `--load-check-only` re-runs only the `qtool eval` load check of rows whose
+output is already in DIR.
 """
 
 from __future__ import annotations
@@ -46,37 +54,75 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None, load_check: bool) -> dict:
+def resume_layer(out: Path) -> int:
+    """The decoder layer an interrupted streamed run of `out` continues at (0: starts afresh)."""
+    state = out.parent / f".{out.name}.partial" / ".qtool-state" / "state.json"
+    if not state.is_file():
+        return 0
+    return int(json.loads(state.read_text()).get("next_layer", 0))
+
+
+def peak_rss_gib(report: str) -> float | None:
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report)
+    return int(rss.group(1)) / 2**20 if rss else None  # kbytes / 2**20: GiB
+
+
+def run_row(
+    model: str, row: str, workdir: Path, mem_limit_gb: float | None, load_check: bool, check_only: bool = False
+) -> dict:
     kind, mode = row.split("-")
     recipe = workdir / f"{kind}.yaml"
-    recipe.write_text(recipe_text(model, kind))
     out = workdir / f"out-{row}"
-    qtool = [str(REPO / ".venv/bin/qtool"), "quantize", str(recipe), "--output", str(out), "--overwrite"]
-    if mode == "stream":
-        qtool.append("--stream")
-    cmd = " ".join(shlex.quote(c) for c in ["/usr/bin/time", "-v", *qtool])
-    if mem_limit_gb:
-        cmd = f"ulimit -v {int(mem_limit_gb * 2**20)}; {cmd}"
+    seg_file = workdir / f"{row}.segments.json"
+    segments = json.loads(seg_file.read_text()) if seg_file.is_file() else []
     env = {**os.environ, "QTOOL_NO_PROGRESS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    start = time.perf_counter()
-    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    err = proc.stderr
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+    if check_only:
+        if not (out / "qtool.json").is_file() or not segments or segments[-1]["exit_status"] != 0:
+            raise SystemExit(f"--load-check-only: {row} has no finished output in {workdir}; run the row first")
+    else:
+        if recipe.is_file() and recipe.read_text() != recipe_text(model, kind):
+            segments = []  # another model or recipe: the saved segments are not this row's
+        recipe.write_text(recipe_text(model, kind))
+        start_layer = resume_layer(out) if mode == "stream" else 0
+        if start_layer == 0:
+            segments = []  # a fresh run: earlier segments belonged to a finished or abandoned one
+        qtool = [str(REPO / ".venv/bin/qtool"), "quantize", str(recipe), "--output", str(out), "--overwrite"]
+        if mode == "stream":
+            qtool.append("--stream")  # re-running the command resumes an interrupted streamed run
+        cmd = " ".join(shlex.quote(c) for c in ["/usr/bin/time", "-v", *qtool])
+        if mem_limit_gb:
+            cmd = f"ulimit -v {int(mem_limit_gb * 2**20)}; {cmd}"
+        print(f"{row}: starting at decoder layer {start_layer}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env)
+        (workdir / f"{row}.segment{len(segments)}.log").write_text(proc.stdout + proc.stderr)
+        segments.append(
+            {
+                "start_layer": start_layer,
+                "exit_status": proc.returncode,
+                "peak_rss_gb": peak_rss_gib(proc.stderr),
+                "wall_seconds": round(time.perf_counter() - start, 1),
+                "last_line": last_line(proc.stdout + proc.stderr)[:300],
+            }
+        )
+        seg_file.write_text(json.dumps(segments, indent=2))
+    last = segments[-1]
+    peaks = [s["peak_rss_gb"] for s in segments if s["peak_rss_gb"] is not None]
     res = {
         "row": row,
         "recipe": recipe_text(model, kind),
         "stream": mode == "stream",
-        "exit_status": proc.returncode,
-        "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else None,  # GiB (the key keeps its old name)
-        "wall_seconds": round(wall, 1),
+        "exit_status": last["exit_status"],
+        "peak_rss_gb": max(peaks) if peaks else None,  # GiB (the key keeps its old name)
+        "wall_seconds": round(sum(s["wall_seconds"] for s in segments), 1),
         "mem_limit_gb": mem_limit_gb,
-        "last_line": last_line(proc.stdout + err)[:300],
+        "last_line": last["last_line"],
+        "segments": segments,
     }
-    if proc.returncode == 0 and not load_check:
+    if last["exit_status"] == 0 and not load_check:
         res["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         res["load_check"] = "not run (--no-load-check)"
-    elif proc.returncode == 0:
+    elif last["exit_status"] == 0:
         res["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         t_ev = time.perf_counter()
         ev = subprocess.run(
@@ -105,8 +151,7 @@ def run_row(model: str, row: str, workdir: Path, mem_limit_gb: float | None, loa
             else f"failed (exit {ev.returncode}{', killed' if ev.returncode < 0 else ''}): "
             f"{last_line(ev.stderr)}"
         )
-        ev_rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", ev.stderr)
-        res["load_check_peak_rss_gb"] = int(ev_rss.group(1)) / 2**20 if ev_rss else None  # GiB
+        res["load_check_peak_rss_gb"] = peak_rss_gib(ev.stderr)  # GiB
         res["load_check_wall_seconds"] = round(time.perf_counter() - t_ev, 1)
         ppl = re.search(r"ppl[^0-9]*([0-9.]+)", ev.stdout)
         res["load_check_ppl"] = float(ppl.group(1)) if ppl else None
@@ -120,6 +165,14 @@ def main() -> None:
     p.add_argument("--mem-limit-gb", type=float, default=None, help="address-space limit of the memory rows")
     p.add_argument("--out", default="stream_memory")
     p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep recipes and outputs here (outside the repo) so an interrupted row resumes when re-run; "
+        "default: a temporary folder removed at the end",
+    )
+    p.add_argument("--load-check-only", action="store_true", help="only the load check of finished rows in --workdir")
+    p.add_argument(
         "--no-load-check",
         action="store_true",
         help="skip `qtool eval` on the output (it loads the whole checkpoint, in bfloat16: 13.5 GB for 7B)",
@@ -130,10 +183,14 @@ def main() -> None:
     path = RESULTS / f"{args.out}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     rows = [r for r in old if r["row"] not in args.rows.split(",")]
+    if args.load_check_only and (args.workdir is None or args.no_load_check):
+        p.error("--load-check-only needs --workdir (where the finished rows are) and no --no-load-check")
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for row in args.rows.split(","):
             limit = args.mem_limit_gb if row.endswith("memory") else None
-            res = run_row(args.model, row, Path(tmp), limit, not args.no_load_check)
+            res = run_row(args.model, row, workdir, limit, not args.no_load_check, args.load_check_only)
             print(json.dumps(res), flush=True)
             rows.append(res)
             data = {
@@ -162,6 +219,13 @@ def main() -> None:
         gib = r["peak_rss_gb"]  # kbytes / 2**20: GiB
         rss = f"{gib:.2f} GiB ({gib * 2**30 / 1e9:.2f} GB)" if gib is not None else "-"
         note = "" if r["exit_status"] == 0 else r["last_line"].replace("|", "/")
+        if len(r.get("segments", [])) > 1:
+            note = (
+                f"{len(r['segments'])} runs (resumed at layers "
+                + ", ".join(str(s["start_layer"]) for s in r["segments"][1:])
+                + "): peak = largest, wall = sum"
+                + (f"; {note}" if note else "")
+            )
         limit = f" (ulimit -v {r['mem_limit_gb']:g} GiB)" if r.get("mem_limit_gb") else ""
         md.append(
             f"| W4A16 g128 {kind} | {'--stream' if r['stream'] else 'in memory'}{limit} | {rss} | "
