@@ -110,10 +110,10 @@ def _linear_tensors(prefix: str, lin, fmt: str, dtype: torch.dtype) -> dict[str,
         out[f"{prefix}.qweight"] = pack_gptq(qw.codes)
         out[f"{prefix}.scales"] = qw.scale.t().contiguous().to(dtype)
         groups = qw.scale.shape[1]
-        zeros = torch.full((groups, qw.codes.shape[0]), 7, dtype=torch.int8)  # v1 stores zero - 1
+        zeros = torch.full((groups, qw.shape[0]), 7, dtype=torch.int8)  # v1 stores zero - 1
         out[f"{prefix}.qzeros"] = pack_int4_dim0(zeros.t().contiguous() - 8).t().contiguous()
-        g = qw.spec.group_size or qw.codes.shape[1]
-        out[f"{prefix}.g_idx"] = (torch.arange(qw.codes.shape[1]) // g).to(torch.int32)
+        g = qw.spec.group_size or qw.shape[1]
+        out[f"{prefix}.g_idx"] = (torch.arange(qw.shape[1]) // g).to(torch.int32)
         return out
     if qw.spec.bits == 4:
         out[f"{prefix}.weight_packed"] = pack_int4(qw.codes)
@@ -121,7 +121,7 @@ def _linear_tensors(prefix: str, lin, fmt: str, dtype: torch.dtype) -> dict[str,
         out[f"{prefix}.weight"] = qw.codes.clone()
     out[f"{prefix}.weight_scale"] = qw.scale.to(dtype)
     if qw.spec.bits == 4:  # packed layouts record the unpacked shape; int8 weights carry it themselves
-        out[f"{prefix}.weight_shape"] = torch.tensor(list(qw.codes.shape), dtype=torch.int64)
+        out[f"{prefix}.weight_shape"] = torch.tensor(list(qw.shape), dtype=torch.int64)
     if not qw.spec.symmetric:
         zp = qw.zero
         out[f"{prefix}.weight_zero_point"] = pack_int4_dim0(zp) if qw.spec.bits == 4 else zp.clone()

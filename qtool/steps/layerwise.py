@@ -13,6 +13,7 @@ kept on the CPU when ``offload`` is set, else on the device.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -46,12 +47,14 @@ class LayerwiseRunner:
         # the decoder layers' dtype (a streamed model may keep its embeddings in the checkpoint's)
         dtype = next(self.adapter.layers(self.model)[0].parameters()).dtype
         with torch.no_grad():
-            self.inputs = [
-                emb(ids[i : i + batch_size].to(self.device)).to(dtype).to(self.store)
-                for i in range(0, ids.shape[0], batch_size)
-            ]
+            starts = range(0, ids.shape[0], batch_size)
+            rows = [min(batch_size, ids.shape[0] - i) for i in starts]
+            self.inputs = block(rows, (ids.shape[1], self.model.config.hidden_size), dtype, self.store)
+            for x, i in zip(self.inputs, starts):
+                x.copy_(emb(ids[i : i + batch_size].to(self.device)))
         self.fp_inputs = [x.clone() for x in self.inputs] if fp_stream else None
         self._staged: StagedPass | None = None  # the last layer's finished staged pass
+        self._scratch: torch.Tensor | None = None  # StagedPass's b, then d: reused layer after layer
         seq = ids.shape[1]
         pos = torch.arange(seq, device=self.device)[None]
         rotary = self.adapter.rotary(self.model).to(self.device)
@@ -60,6 +63,18 @@ class LayerwiseRunner:
 
     def layers(self) -> nn.ModuleList:
         return self.adapter.layers(self.model)
+
+    def scratch(self, rows: list[int], shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Like :func:`block`, in one buffer the runner keeps from layer to layer (grown when too
+        small): a new mapping per stage and layer would be faulted in page by page each time. Its
+        views are valid until the next call, so a stage's values go here only when the previous
+        user's are dead (StagedPass: ``b`` is used up before ``d`` is written)."""
+        numel = sum(rows) * math.prod(shape)
+        buf = self._scratch
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            self._scratch = buf = None  # the old one is freed before the new one is mapped
+            self._scratch = buf = torch.empty(numel, dtype=dtype, device=self.store)
+        return list(buf[:numel].view(sum(rows), *shape).split(rows))
 
     def run_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer(x.to(self.device), position_embeddings=self.position_embeddings)
@@ -151,9 +166,10 @@ class StagedPass:
 
     The same modules run the same operations on the same tensors as the layer's own forward, so
     every Hessian, code and output is bit-identical to the classic passes (tested); about one
-    layer forward in all (1.4 when ``d`` is recomputed). Memory: the layer's inputs are dropped once
-    ``h1`` is computed, so it holds one more hidden-size activation of every window than the
-    classic passes while ``b`` is alive, plus ``d`` when kept (intermediate size).
+    layer forward in all (1.4 when ``d`` is recomputed). Memory, for every window: the layer's
+    inputs block (``h1`` and then the outputs are written into it, each batch once its input is
+    used up), and the runner's scratch block, which holds ``b`` and then ``d`` (intermediate size,
+    when kept); no per-batch allocations outlive a batch (see :func:`block`).
     """
 
     def __init__(self, runner: LayerwiseRunner, layer: nn.Module) -> None:
@@ -171,7 +187,15 @@ class StagedPass:
             raise RuntimeError(f"stages run in order: expected {self.stage}, got {group}")
         r, dev = self.runner, self.runner.device
         layer, attn, mlp = self.layer, self.attn, self.mlp
-        new: list[torch.Tensor] = []
+        rows = [x.shape[0] for x in (r.inputs if group < 3 else self.kept)]
+        seq = (r.inputs if group < 3 else self.kept)[0].shape[1]
+        new: list[torch.Tensor] | None = None
+        if group == 1:  # b: the attention output entering o_proj (o_proj's input width)
+            new = r.scratch(rows, (seq, attn.o_proj.in_features), r.inputs[0].dtype)
+        elif group == 2:  # h1 goes where the layer's inputs were (they are used up once h1 exists)
+            new = r.inputs
+        elif group == 3 and self._keep_down(sum(rows) * seq * mlp.down_proj.in_features, self.kept[0]):
+            new = r.scratch(rows, (seq, mlp.down_proj.in_features), self.kept[0].dtype)  # b is used up
         for k in range(self.batches):
             x = r.inputs[k].to(dev) if group < 3 else None
             if group == 0:
@@ -190,48 +214,66 @@ class StagedPass:
                 finally:
                     hook.remove()
                 out = got[0]
-                new.append(out.to(r.store))
+                _put(new[k], out)
             elif group == 2:
                 h1 = x + attn.o_proj(self.kept[k].to(dev))
                 self.kept[k] = None  # b of this batch is used up
                 out = layer.post_attention_layernorm(h1)
-                new.append(h1.to(r.store))
+                _put(new[k], h1)
             else:
                 c = layer.post_attention_layernorm(self.kept[k].to(dev))
                 out = mlp.act_fn(mlp.gate_proj(c)) * mlp.up_proj(c)
-                new.append(out.to(r.store))
+                if new is not None:
+                    _put(new[k], out)
             if fn is not None:
                 for name in names:
                     fn(name, out)
         if group == 1 or group == 2:
             self.kept = new
-        if group == 2:  # the layer's inputs are used up: h1 replaces them
+        if group == 2:  # the layer's inputs are used up: h1 replaces them (same block)
             r.inputs = []
         elif group == 3:
-            self.down_in = new if self._keep_down(new) else None
+            self.down_in = new
         self.stage += 1
         if group == 3:
             r._staged = self  # advance() finishes the layer from here, once down_proj is quantized
 
-    def _keep_down(self, d: list[torch.Tensor]) -> bool:
-        size = sum(t.numel() * t.element_size() for t in d)
-        return size <= KEEP_DOWN_INPUTS_SHARE * _available_bytes(self.runner.store)
+    def _keep_down(self, numel: int, like: torch.Tensor) -> bool:
+        return numel * like.element_size() <= KEEP_DOWN_INPUTS_SHARE * _available_bytes(self.runner.store)
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
         """The layer's outputs ``h1 + down_proj(d)`` (down_proj as it is now: quantized)."""
-        r, dev, mlp = self.runner, self.runner.device, self.mlp
-        out = []
+        dev, mlp = self.runner.device, self.mlp
+        out = self.kept  # each output goes where its h1 was
         for k in range(self.batches):
-            h1, self.kept[k] = self.kept[k].to(dev), None  # free each batch's h1 and d once used
+            h1 = out[k].to(dev)
             if self.down_in is not None:
                 d, self.down_in[k] = self.down_in[k].to(dev), None
             else:
                 c = self.layer.post_attention_layernorm(h1)
                 d = mlp.act_fn(mlp.gate_proj(c)) * mlp.up_proj(c)
-            out.append((h1 + mlp.down_proj(d)).to(r.store))
+            _put(out[k], h1 + mlp.down_proj(d))
         self.kept = self.down_in = None
         return out
+
+
+def block(rows: list[int], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Per-batch activations (``rows[k]`` windows of ``shape``) as views of one allocation.
+
+    One block per stage instead of one allocation per batch: a block of the usual calibration
+    sizes (tens of MB and more) is above glibc's largest mmap threshold (32 MB), so it is mapped on
+    its own and given back whole when freed, while per-batch blocks (a few MB each) sat in the heap
+    between the layer's short-lived temporaries and kept the holes those left resident. The views
+    are contiguous and hold the same values, so nothing computed from them changes."""
+    buf = torch.empty((sum(rows), *shape), dtype=dtype, device=device)
+    return list(buf.split(rows))
+
+
+def _put(dst: torch.Tensor, value: torch.Tensor) -> None:
+    """Store ``value`` in its place in a block (nothing to do when it was computed there)."""
+    if value.data_ptr() != dst.data_ptr() or value.device != dst.device:
+        dst.copy_(value)
 
 
 def _stop(got: list, x: torch.Tensor):

@@ -384,3 +384,38 @@ def test_half_range_grid_needs_symmetric_weights():
 
     with pytest.raises(ValueError, match="symmetric"):
         WeightScheme(bits=4, symmetric=False, grid="half_range")
+
+
+@pytest.mark.parametrize(
+    "bits,symmetric,group,width",
+    [(4, True, None, 64), (4, False, 16, 48), (4, True, 8, 33), (3, True, None, 7), (2, False, None, 10), (8, True, None, 16)],
+)
+def test_quantized_weight_codes_round_trip_exactly(bits, symmetric, group, width):
+    """Codes of <= 4 bits are held two to a byte; what comes back is the same int8 tensor, and the
+    dequantized weight is the same bits as from the unpacked codes."""
+    from qtool.quant.quantizer import QuantizedWeight, quantize
+
+    torch.manual_seed(bits * 100 + width)
+    spec = QSpec(bits=bits, symmetric=symmetric, group_size=group)
+    w = torch.randn(12, width)
+    scale, zero = compute_qparams(w, spec)
+    codes = quantize(w, scale, zero, spec)
+    qw = QuantizedWeight(codes, scale, zero, spec)
+    assert qw.codes.dtype == torch.int8 and torch.equal(qw.codes, codes)
+    assert qw.shape == codes.shape
+    assert torch.equal(qw.dequantize(), dequantize(codes, scale, zero, spec))
+    packed = qw._packed is not None
+    assert packed == (bits <= 4)
+    if packed:  # half a byte per code (plus the odd column's padding)
+        assert qw._packed.numel() == 12 * ((width + 1) // 2)
+
+
+def test_quantized_weight_keeps_codes_off_its_grid_unpacked():
+    """Codes outside the spec's range (not produced by qtool's quantizer) are kept as given, not
+    wrapped around by packing."""
+    from qtool.quant.quantizer import QuantizedWeight
+
+    spec = QSpec(bits=4)
+    codes = torch.tensor([[-8, 7, 9, 0]], dtype=torch.int8)
+    qw = QuantizedWeight(codes, torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int8), spec)
+    assert qw._packed is None and torch.equal(qw.codes, codes)
