@@ -160,7 +160,8 @@ def run_row(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a local safetensors model folder")
+    p.add_argument("--model", help="a local safetensors model folder")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only re-render: rows of these result files replace --out's rows of the same name")
     p.add_argument("--rows", default="rtn-stream,rtn-memory", help="comma list of {rtn,gptq}-{stream,memory}")
     p.add_argument("--mem-limit-gb", type=float, default=None, help="address-space limit of the memory rows")
     p.add_argument("--out", default="stream_memory")
@@ -178,19 +179,34 @@ def main() -> None:
         help="skip `qtool eval` on the output (it loads the whole checkpoint, in bfloat16: 13.5 GB for 7B)",
     )
     args = p.parse_args()
-    size = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
-    config = json.loads((Path(args.model) / "config.json").read_text())
     path = RESULTS / f"{args.out}.json"
-    old = json.loads(path.read_text())["rows"] if path.is_file() else []
-    rows = [r for r in old if r["row"] not in args.rows.split(",")]
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if args.merge:  # no runs: rows of other result files replace this file's rows of the same name
+        data = old or json.loads(Path(args.merge[0]).read_text())
+        for r in data["rows"]:
+            r.setdefault("command", data.get("command", ""))
+        for other in args.merge:
+            src = json.loads(Path(other).read_text())
+            new = [{"command": src.get("command", ""), **r} for r in src["rows"]]
+            names = {r["row"] for r in new}
+            data["rows"] = [r for r in data["rows"] if r["row"] not in names] + new
+        path.write_text(json.dumps(data, indent=2))
+        render(data, RESULTS / f"{args.out}.md")
+        return
+    if args.model is None:
+        p.error("--model is needed (or --merge)")
     if args.load_check_only and (args.workdir is None or args.no_load_check):
         p.error("--load-check-only needs --workdir (where the finished rows are) and no --no-load-check")
+    size = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    rows = [r for r in old.get("rows", []) if r["row"] not in args.rows.split(",")]
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for row in args.rows.split(","):
             limit = args.mem_limit_gb if row.endswith("memory") else None
             res = run_row(args.model, row, workdir, limit, not args.no_load_check, args.load_check_only)
+            res["command"] = command()  # rows of one table may come from several runs
             print(json.dumps(res), flush=True)
             rows.append(res)
             data = {
@@ -206,10 +222,15 @@ def main() -> None:
                 "rows": rows,
             }
             path.write_text(json.dumps(data, indent=2))
+    print(render(data, RESULTS / f"{args.out}.md"))
+
+
+def render(data: dict, out: Path) -> str:
+    config, size, rows = data["config"], data["model_bytes"], data["rows"]
     md = [
         f"Model: random-initialized {config['num_hidden_layers']} x {config['hidden_size']} "
         f"(intermediate {config['intermediate_size']}, vocab {config['vocab_size']}), {size / 1e9:.2f} GB bf16 "
-        f"safetensors; {data['machine']}; calibration 16 x 256 tokens. Command: `{command()}`",
+        f"safetensors; {data['machine']}; calibration 16 x 256 tokens.",
         "",
         "| recipe | path | peak RSS | wall | exit | load check | note |",
         "|---|---|---:|---:|---:|---|---|",
@@ -238,8 +259,11 @@ def main() -> None:
             )
             + f" | {note} |"
         )
-    (RESULTS / f"{args.out}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    commands = list(dict.fromkeys(r.get("command", data.get("command", "")) for r in rows))
+    md += ["", "Commands (in the order of the rows): " + "; ".join(f"`{c}`" for c in commands if c)]
+    text = "\n".join(md) + "\n"
+    out.write_text(text)
+    return text
 
 
 if __name__ == "__main__":
