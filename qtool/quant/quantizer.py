@@ -299,22 +299,27 @@ class QuantizedWeight:
     def codes(self) -> torch.Tensor:
         if self._packed is None:
             return self._codes
-        lo, hi = self._packed & 15, self._packed >> 4
-        u = torch.stack((lo, hi), dim=-1).flatten(-2)[..., : self._width]
-        return (u.to(torch.int8) + self.spec.qmin).contiguous()
+        p = self._packed
+        out = torch.empty((*p.shape[:-1], 2 * p.shape[-1]), dtype=torch.uint8, device=p.device)
+        torch.bitwise_and(p, 15, out=out[..., 0::2])
+        torch.bitwise_right_shift(p, 4, out=out[..., 1::2])
+        out = out.view(torch.int8).add_(self.spec.qmin)  # [0, 15] -> [qmin, qmin + 15], in int8
+        return out if out.shape[-1] == self._width else out[..., : self._width].contiguous()
 
     @codes.setter
     def codes(self, codes: torch.Tensor) -> None:
         self._codes, self._packed, self._width = codes, None, codes.shape[-1]
         if self.spec.bits > 4 or codes.dtype != torch.int8 or codes.dim() == 0 or codes.numel() == 0:
             return
-        u = codes.to(torch.int16) - self.spec.qmin
-        if int(u.min()) < 0 or int(u.max()) > 15:  # not on this spec's grid: keep them as they are
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < self.spec.qmin or hi > self.spec.qmin + 15:  # not on this spec's grid: kept as given
             return
-        u = u.to(torch.uint8)
+        u = (codes - self.spec.qmin).view(torch.uint8)  # in [0, 15]: no int8 overflow
         if self._width % 2:
             u = torch.nn.functional.pad(u, (0, 1))
-        self._codes, self._packed = None, u[..., 0::2] | (u[..., 1::2] << 4)
+        packed = u[..., 1::2] << 4
+        packed |= u[..., 0::2]
+        self._codes, self._packed = None, packed
 
     @property
     def shape(self) -> torch.Size:
