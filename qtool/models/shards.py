@@ -1,9 +1,11 @@
 """Safetensors shards of a Hugging Face folder: read one tensor at a time, write shard by shard.
 
 :class:`ShardReader` opens a model folder's ``model.safetensors`` or the shards listed in
-``model.safetensors.index.json`` and reads single tensors (``safe_open``: only the bytes of that
-tensor are read). A folder holding only pickle weights (``*.bin``, ``*.pt``) is refused: qtool never
-loads a pickle.
+``model.safetensors.index.json`` and reads single tensors: only the bytes of that tensor, read
+into the tensor with a positioned file read, not through a memory map (``safe_open`` maps the file,
+and every page of it a run has touched then counts in the process's resident memory until the
+handle closes: the whole checkpoint, by the end of a load or a streamed run). A folder holding only
+pickle weights (``*.bin``, ``*.pt``) is refused: qtool never loads a pickle.
 
 :func:`shard_plan` and :func:`write_shards` write a checkpoint as shards that follow the source's
 layout: each output tensor goes into the shard of the source tensor it came from (a quantized
@@ -16,11 +18,11 @@ write byte-identical files.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qtool.errors import QtoolError
@@ -55,12 +57,13 @@ class ShardReader:
             index = json.loads((self.folder / INDEX).read_text())
             self.weight_map: dict[str, str] = dict(index["weight_map"])
         else:
-            with safe_open(str(self.folder / SINGLE), "pt") as fh:
-                self.weight_map = {k: SINGLE for k in fh.keys()}
+            single = _Shard(self.folder / SINGLE)
+            single.close()
+            self.weight_map = {k: SINGLE for k in single.header}
         missing = sorted({f for f in self.weight_map.values() if not (self.folder / f).is_file()})
         if missing:
             raise QtoolError(f"{self.folder}: shard file(s) {missing} listed in {INDEX} are missing")
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, _Shard] = {}
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -76,15 +79,85 @@ class ShardReader:
             raise QtoolError(f"{self.folder}: the checkpoint has no tensor {key!r}")
         name = self.weight_map[key]
         if name not in self._handles:
-            self._handles[name] = safe_open(str(self.folder / name), "pt")
-        return self._handles[name].get_tensor(key)
+            self._handles[name] = _Shard(self.folder / name)
+        return self._handles[name].tensor(key)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix`` (e.g. ``model.layers.3.``)."""
         return {k: self.tensor(k) for k in self.weight_map if k.startswith(prefix)}
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
+
+
+# safetensors' dtype names (its format: an 8-byte little-endian header size, the JSON header with
+# each tensor's dtype, shape and [begin, end) byte offsets into the data that follows)
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _Shard:
+    """One safetensors file, read tensor by tensor with positioned reads (no memory map)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            raw = self._fh.read(8)
+            if len(raw) != 8:
+                raise QtoolError(f"{path}: not a safetensors file (shorter than its header size)")
+            size = int.from_bytes(raw, "little")
+            try:
+                self.header = json.loads(self._fh.read(size))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise QtoolError(f"{path}: not a safetensors file (unreadable header: {exc})") from None
+        except BaseException:
+            self._fh.close()
+            raise
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + size
+
+    def tensor(self, key: str) -> torch.Tensor:
+        entry = self.header.get(key)
+        if entry is None:
+            raise QtoolError(f"{self.path} has no tensor {key!r}")
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise QtoolError(
+                f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, which qtool does not read"
+            )
+        begin, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=dtype)
+        nbytes = out.numel() * out.element_size()
+        if end - begin != nbytes:
+            raise QtoolError(
+                f"{self.path}: tensor {key!r} holds {end - begin} bytes, its shape needs {nbytes}"
+            )
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if nbytes else None
+        done = 0
+        while done < nbytes:  # one read returns at most about 2 GiB on Linux
+            got = os.preadv(self._fh.fileno(), [view[done:]], self.data_start + begin + done)
+            if got <= 0:
+                raise QtoolError(f"{self.path}: tensor {key!r} is cut short ({done} of {nbytes} bytes)")
+            done += got
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 class LazyTensors(MutableMapping):

@@ -171,7 +171,14 @@ def fake_quant(
     scale, zero = compute_qparams(x, spec, clip)
     if scale_dtype is not None:
         scale = scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).to(scale.dtype)
-    return dequantize(quantize(x, scale, zero, spec), scale, zero, spec).to(x.dtype)
+    # dequantize(quantize(x)): the same float32 operations in the same order, in place on one buffer
+    # (the codes are integers in [qmin, qmax], so their int8 round trip changes nothing): one
+    # temporary of x's size instead of five, which matters for dynamic activation quantization
+    s = expand_params(scale, x, spec)
+    z = expand_params(zero.float(), x, spec)
+    q = x.float() / s
+    q.round_().add_(z).clamp_(spec.qmin, spec.qmax)
+    return q.sub_(z).mul_(s).to(x.dtype)
 
 
 def fake_quant_ste(
@@ -324,7 +331,9 @@ class QuantizedWeight:
     @property
     def shape(self) -> torch.Size:
         """The codes' (unpacked) shape, ``[out, in]``."""
-        return self._codes.shape if self._packed is None else torch.Size((*self._packed.shape[:-1], self._width))
+        return (
+            self._codes.shape if self._packed is None else torch.Size((*self._packed.shape[:-1], self._width))
+        )
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero, self.spec)

@@ -50,7 +50,7 @@ class LayerwiseRunner:
             starts = range(0, ids.shape[0], batch_size)
             rows = [min(batch_size, ids.shape[0] - i) for i in starts]
             self.inputs = block(rows, (ids.shape[1], self.model.config.hidden_size), dtype, self.store)
-            for x, i in zip(self.inputs, starts):
+            for x, i in zip(self.inputs, starts, strict=True):
                 x.copy_(emb(ids[i : i + batch_size].to(self.device)))
         self.fp_inputs = [x.clone() for x in self.inputs] if fp_stream else None
         self._staged: StagedPass | None = None  # the last layer's finished staged pass
@@ -258,7 +258,9 @@ class StagedPass:
         return out
 
 
-def block(rows: list[int], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+def block(
+    rows: list[int], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
     """Per-batch activations (``rows[k]`` windows of ``shape``) as views of one allocation.
 
     One block per stage instead of one allocation per batch: a block of the usual calibration

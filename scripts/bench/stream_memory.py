@@ -68,7 +68,12 @@ def peak_rss_gib(report: str) -> float | None:
 
 
 def run_row(
-    model: str, row: str, workdir: Path, mem_limit_gb: float | None, load_check: bool, check_only: bool = False
+    model: str,
+    row: str,
+    workdir: Path,
+    mem_limit_gb: float | None,
+    load_check: bool,
+    check_only: bool = False,
 ) -> dict:
     kind, mode = row.split("-")
     recipe = workdir / f"{kind}.yaml"
@@ -78,7 +83,9 @@ def run_row(
     env = {**os.environ, "QTOOL_NO_PROGRESS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if check_only:
         if not (out / "qtool.json").is_file() or not segments or segments[-1]["exit_status"] != 0:
-            raise SystemExit(f"--load-check-only: {row} has no finished output in {workdir}; run the row first")
+            raise SystemExit(
+                f"--load-check-only: {row} has no finished output in {workdir}; run the row first"
+            )
     else:
         if recipe.is_file() and recipe.read_text() != recipe_text(model, kind):
             segments = []  # another model or recipe: the saved segments are not this row's
@@ -161,7 +168,12 @@ def run_row(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a local safetensors model folder")
-    p.add_argument("--merge", nargs="+", metavar="JSON", help="only re-render: rows of these result files replace --out's rows of the same name")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="only re-render: rows of these result files replace --out's rows of the same name",
+    )
     p.add_argument("--rows", default="rtn-stream,rtn-memory", help="comma list of {rtn,gptq}-{stream,memory}")
     p.add_argument("--mem-limit-gb", type=float, default=None, help="address-space limit of the memory rows")
     p.add_argument("--out", default="stream_memory")
@@ -172,7 +184,9 @@ def main() -> None:
         help="keep recipes and outputs here (outside the repo) so an interrupted row resumes when re-run; "
         "default: a temporary folder removed at the end",
     )
-    p.add_argument("--load-check-only", action="store_true", help="only the load check of finished rows in --workdir")
+    p.add_argument(
+        "--load-check-only", action="store_true", help="only the load check of finished rows in --workdir"
+    )
     p.add_argument(
         "--no-load-check",
         action="store_true",

@@ -388,7 +388,14 @@ def test_half_range_grid_needs_symmetric_weights():
 
 @pytest.mark.parametrize(
     "bits,symmetric,group,width",
-    [(4, True, None, 64), (4, False, 16, 48), (4, True, 8, 33), (3, True, None, 7), (2, False, None, 10), (8, True, None, 16)],
+    [
+        (4, True, None, 64),
+        (4, False, 16, 48),
+        (4, True, 8, 33),
+        (3, True, None, 7),
+        (2, False, None, 10),
+        (8, True, None, 16),
+    ],
 )
 def test_quantized_weight_codes_round_trip_exactly(bits, symmetric, group, width):
     """Codes of <= 4 bits are held two to a byte; what comes back is the same int8 tensor, and the
@@ -419,3 +426,31 @@ def test_quantized_weight_keeps_codes_off_its_grid_unpacked():
     codes = torch.tensor([[-8, 7, 9, 0]], dtype=torch.int8)
     qw = QuantizedWeight(codes, torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int8), spec)
     assert qw._packed is None and torch.equal(qw.codes, codes)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QSpec(bits=4, granularity="token", symmetric=True),
+        QSpec(bits=4, granularity="token", symmetric=False, clip_ratio=0.9),
+        QSpec(bits=4, granularity="token", symmetric=True, half_range=True),
+        QSpec(bits=8, granularity="token", symmetric=False),
+        QSpec(bits=4, group_size=16, symmetric=False),
+        QSpec(bits=3, granularity="channel", symmetric=True),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_is_bitwise_dequantize_of_quantize(spec, dtype):
+    """fake_quant works in place on one buffer; it must give the bits of the two-step definition,
+    signed zeros included."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 9, 48) * torch.logspace(-3, 1, 48)).to(dtype)
+    x[0, 0, :5] = torch.tensor([0.0, -0.0, 1e-9, -1e-9, 0.0])
+    scale, zero = compute_qparams(x, spec)
+    ref = dequantize(quantize(x, scale, zero, spec), scale, zero, spec).to(dtype)
+    got = fake_quant(x, spec)
+    assert got.dtype == dtype
+    assert torch.equal(
+        got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
