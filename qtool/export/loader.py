@@ -96,7 +96,7 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "aut
     if ADAPTER_FILE in meta.get("sidecars", []):  # checkpoints of qtool <= 0.1.0 list it only there
         runtime.setdefault("lowrank", {})
     rebuild_features(model, runtime)
-    reader = ShardReader(path)
+    reader = ShardReader(path, mapped=False)  # read, not mapped: no mapped pages beside the model
     tensors = LazyTensors(reader)  # each tensor read when installed, then dropped
     fmt = meta["format"]
     wspec = scheme.weights.spec() if scheme.weights else None

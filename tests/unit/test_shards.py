@@ -1,4 +1,4 @@
-"""ShardReader: tensors read from safetensors files by positioned reads, equal to safetensors' own."""
+"""ShardReader: tensors read from safetensors files, mapped or by positioned reads, equal to safetensors' own."""
 
 from __future__ import annotations
 
@@ -30,13 +30,14 @@ def _tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def test_reads_every_dtype_like_safetensors(tmp_path):
+@pytest.mark.parametrize("mapped", [True, False])
+def test_reads_every_dtype_like_safetensors(tmp_path, mapped):
     ts = _tensors()
     save_file(dict(list(ts.items())[:6]), str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
     save_file(dict(list(ts.items())[6:]), str(tmp_path / "b.safetensors"))
     weight_map = {k: "a.safetensors" if i < 6 else "b.safetensors" for i, k in enumerate(ts)}
     (tmp_path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    reader = ShardReader(tmp_path)
+    reader = ShardReader(tmp_path, mapped=mapped)
     for key, ref in ts.items():
         got = reader.tensor(key)
         with safe_open(str(tmp_path / weight_map[key]), "pt") as fh:
@@ -48,7 +49,7 @@ def test_reads_every_dtype_like_safetensors(tmp_path):
 
 def test_single_file_keys_and_missing_tensor(tmp_path):
     save_file({"x": torch.ones(2)}, str(tmp_path / "model.safetensors"))
-    reader = ShardReader(tmp_path)
+    reader = ShardReader(tmp_path, mapped=False)
     assert reader.keys() == ["x"]
     with pytest.raises(QtoolError, match="no tensor 'y'"):
         reader.tensor("y")
@@ -59,7 +60,7 @@ def test_truncated_shard_is_an_error_not_garbage(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(QtoolError, match="cut short"):
-        ShardReader(tmp_path).tensor("x")
+        ShardReader(tmp_path, mapped=False).tensor("x")
 
 
 def test_not_a_safetensors_file(tmp_path):
