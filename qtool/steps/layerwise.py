@@ -187,8 +187,8 @@ class StagedPass:
             raise RuntimeError(f"stages run in order: expected {self.stage}, got {group}")
         r, dev = self.runner, self.runner.device
         layer, attn, mlp = self.layer, self.attn, self.mlp
-        rows = [x.shape[0] for x in (r.inputs if group < 3 else self.kept)]
-        seq = (r.inputs if group < 3 else self.kept)[0].shape[1]
+        src = r.inputs if group < 3 else self.kept  # this stage's per-batch inputs
+        rows, seq = [x.shape[0] for x in src], src[0].shape[1]
         new: list[torch.Tensor] | None = None
         if group == 1:  # b: the attention output entering o_proj (o_proj's input width)
             new = r.scratch(rows, (seq, attn.o_proj.in_features), r.inputs[0].dtype)
@@ -214,17 +214,17 @@ class StagedPass:
                 finally:
                     hook.remove()
                 out = got[0]
-                _put(new[k], out)
+                new[k].copy_(out)
             elif group == 2:
                 h1 = x + attn.o_proj(self.kept[k].to(dev))
                 self.kept[k] = None  # b of this batch is used up
                 out = layer.post_attention_layernorm(h1)
-                _put(new[k], h1)
+                new[k].copy_(h1)
             else:
                 c = layer.post_attention_layernorm(self.kept[k].to(dev))
                 out = mlp.act_fn(mlp.gate_proj(c)) * mlp.up_proj(c)
                 if new is not None:
-                    _put(new[k], out)
+                    new[k].copy_(out)
             if fn is not None:
                 for name in names:
                     fn(name, out)
@@ -253,7 +253,7 @@ class StagedPass:
             else:
                 c = self.layer.post_attention_layernorm(h1)
                 d = mlp.act_fn(mlp.gate_proj(c)) * mlp.up_proj(c)
-            _put(out[k], h1 + mlp.down_proj(d))
+            out[k].copy_(h1 + mlp.down_proj(d))
         self.kept = self.down_in = None
         return out
 
@@ -270,12 +270,6 @@ def block(
     are contiguous and hold the same values, so nothing computed from them changes."""
     buf = torch.empty((sum(rows), *shape), dtype=dtype, device=device)
     return list(buf.split(rows))
-
-
-def _put(dst: torch.Tensor, value: torch.Tensor) -> None:
-    """Store ``value`` in its place in a block (nothing to do when it was computed there)."""
-    if value.data_ptr() != dst.data_ptr() or value.device != dst.device:
-        dst.copy_(value)
 
 
 def _stop(got: list, x: torch.Tensor):
