@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import resource
@@ -110,7 +111,16 @@ def trim_heap() -> None:
     memory grows with fragmentation (measured: about 1.5 MB per 1.2 MB layer) although every layer
     is freed, and a step's freed temporaries stay resident (SmolLM2's rotation: 0.5 GB of float64
     temporaries); with it, it stays flat. A no-op where glibc is not the allocator."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once (a ``CDLL`` per call left a reference cycle of ctypes
+    objects for the garbage collector each time), or None."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None

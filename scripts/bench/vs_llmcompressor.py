@@ -186,6 +186,9 @@ def worker_qtool_quantize(spec: dict) -> dict:
 
     base.calibration_windows = same_windows  # qtool calibrates on exactly the ids the peer gets
     from qtool.api import quantize, versions
+    from qtool.log import setup_logging
+
+    setup_logging()  # the log (in the harness's working folder) shows each step and layer with its peak RSS
     from qtool.recipe import load_recipe
 
     t0 = time.perf_counter()

@@ -234,3 +234,91 @@ def test_online_rotation_matches_kron(n, heads, expected, fallback):
 def test_online_rotation_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         OnlineRotation(8, "diagonal")
+
+
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("kind", ["dense", "hadamard", "heads"])
+def test_map_rows_slices_equal_one_call(monkeypatch, rows, kind):
+    """map_rows computes a weight transform a slice at a time: bit for bit what one float64 call on
+    the whole weight gives (the rotation step's values, hence every checkpoint, do not change)."""
+    import qtool.models.online as online
+
+    monkeypatch.setattr(online, "SLICE_BYTES", 7 * 96 * 8)  # 7 rows (columns) a slice, a short last one
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 96, generator=g) if rows else torch.randn(96, 100, generator=g)  # fn maps 96
+    if kind == "dense":
+        q = random_orthogonal(96, 3)
+        fn = lambda x: x @ q  # noqa: E731
+    elif kind == "hadamard":
+        fn = OnlineRotation(96, "hadamard")
+    else:
+        fn = OnlineRotation(96, "hadamard", heads=3)
+    whole = w.double()
+    want = (fn(whole) if rows else fn(whole.t()).t()).float()
+    got = online.map_rows(w, fn, "cpu", rows)
+    assert got.dtype == w.dtype and got.shape == w.shape and got.data_ptr() != w.data_ptr()
+    assert torch.equal(got, want)
+
+
+def test_fold_head_norm_unties_without_changing_the_embedding():
+    """Folding the final norm into a tied lm_head gives lm_head its own weight; the embedding keeps its
+    values (and the fold equals W diag(g) computed in float64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtool.steps.rotate import fold_head_norm
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.model.norm.weight.data.uniform_(0.5, 1.5)
+    emb = model.model.embed_tokens.weight.data.clone()
+    g = model.model.norm.weight.data.clone()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    fold_head_norm(model)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+    assert torch.equal(model.model.embed_tokens.weight.data, emb)
+    assert torch.equal(model.lm_head.weight.data, (emb.double() * g.double()).float())
+    assert torch.equal(model.model.norm.weight.data, torch.ones_like(g))
+
+
+def _butterflies_reference(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The transform written plainly: a new tensor per butterfly stage, then the base matrix."""
+    from qtool.algorithms.hadamard import _scaled_base, _split
+
+    p, m = _split(n)
+    lead = x.shape[:-1]
+    y = x.reshape(*lead, x.shape[-1] // n, m, p)
+    h = 1
+    while h < p:
+        y = y.reshape(*lead, x.shape[-1] // n, m, p // (2 * h), 2, h)
+        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    y = y.reshape(*lead, x.shape[-1] // n, m, p)
+    scale = 1 / math.sqrt(n)
+    y = torch.matmul(_scaled_base(m, scale, x.dtype, x.device), y) if m > 1 else y * scale
+    return y.reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    "n,shape", [(1536, (2, 16, 1536)), (576, (3, 576)), (64, (2, 9, 128)), (12, (5, 12)), (1, (4, 1))]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_transform_bitwise_against_plain_butterflies(n, shape, dtype):
+    """The in-place butterflies between two buffers add and subtract the same numbers in the same order
+    as the plain version (every checkpoint of a rotated model depends on these bits); x is untouched."""
+    x = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(n))
+    before = x.clone()
+    got = fast_hadamard_transform(x, n)
+    assert torch.equal(x, before)
+    assert torch.equal(got, _butterflies_reference(x, n))
+    t = x.transpose(0, -1).contiguous().transpose(0, -1)  # a non-contiguous input
+    assert torch.equal(fast_hadamard_transform(t, n), got)
