@@ -322,3 +322,19 @@ def test_fast_transform_bitwise_against_plain_butterflies(n, shape, dtype):
     assert torch.equal(got, _butterflies_reference(x, n))
     t = x.transpose(0, -1).contiguous().transpose(0, -1)  # a non-contiguous input
     assert torch.equal(fast_hadamard_transform(t, n), got)
+
+
+def test_fast_transform_differentiable_path_same_bits():
+    """With autograd on (training through an online rotation) the transform builds new tensors; its
+    values are the in-place path's, and the gradient is the transform of the upstream gradient."""
+    x = torch.randn(4, 8, 1536, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = fast_hadamard_transform(x)
+    xg = x.clone().requires_grad_()
+    y = fast_hadamard_transform(xg)
+    assert torch.equal(y.detach(), want)
+    g = torch.randn_like(y)
+    y.backward(g)
+    # x @ M with M orthogonal and symmetric for this order's construction or not: the gradient is g @ M^T
+    m = OnlineRotation(1536, "hadamard").dense().float()
+    torch.testing.assert_close(xg.grad, g @ m.T, rtol=0, atol=1e-4)
