@@ -32,6 +32,8 @@ def versions() -> dict[str, str]:
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else platform.processor() or "cpu",
+        # the allocator settings the process ran with (qtool.allocator), where any were set
+        **({"glibc_tunables": os.environ["GLIBC_TUNABLES"]} if os.environ.get("GLIBC_TUNABLES") else {}),
     }
 
 

@@ -24,8 +24,27 @@ app.add_typer(recipe_app, name="recipe")
 logger = logging.getLogger("qtool")
 
 
+def _print_versions(value: bool) -> None:
+    if not value:
+        return
+    from qtool.api import versions
+
+    typer.echo(json.dumps(versions(), indent=2))
+    raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_print_versions,
+        help="print the versions of qtool, torch, transformers, python, the device and the allocator "
+        "settings (JSON), and exit",
+    ),
+) -> None:
     setup_logging(verbose)
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 logs, the others only errors
         logging.getLogger("qtool").setLevel(logging.WARNING)

@@ -393,8 +393,20 @@ def parse_time_v(text: str) -> dict:
     }
 
 
+def allocator_env(tuned: bool) -> dict[str, str]:
+    """The allocator settings a process runs with: qtool's (:mod:`qtool.allocator`, what its command
+    line sets for itself) when ``tuned``, else none (glibc's defaults)."""
+    if not tuned:
+        return {}
+    from qtool.allocator import tuned_env
+
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = tuned_env(base)
+    return {} if env is None else {"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]}
+
+
 def launch(
-    python: str, core: int, kind: str, spec: dict, workdir: Path, tag: str
+    python: str, core: int, kind: str, spec: dict, workdir: Path, tag: str, tuned: bool = False
 ) -> tuple[subprocess.Popen, Path]:
     spec_path = workdir / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -423,6 +435,8 @@ def launch(
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
+    env.pop("GLIBC_TUNABLES", None)
+    env.update(allocator_env(tuned))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
     return proc, log
 
@@ -444,8 +458,12 @@ def run_pair(
     kind_q: str, spec_q: dict, kind_p: str, spec_p: dict, args, workdir: Path, tag: str
 ) -> tuple[dict, dict]:
     """Both tools' processes, started at the same time, qtool on core 0 and the peer on core 1."""
-    pq, lq = launch(sys.executable, 0, kind_q, spec_q, workdir, f"{tag}-qtool")
-    pp, lp = launch(args.peer_python, 1, kind_p, spec_p, workdir, f"{tag}-peer")
+    # qtool's worker runs with the allocator settings its command line gives itself; the peer with
+    # glibc's defaults, or the same settings with --peer-allocator qtool
+    pq, lq = launch(sys.executable, 0, kind_q, spec_q, workdir, f"{tag}-qtool", tuned=True)
+    pp, lp = launch(
+        args.peer_python, 1, kind_p, spec_p, workdir, f"{tag}-peer", tuned=args.peer_allocator == "qtool"
+    )
     rq = collect(pq, lq, workdir / f"{tag}-qtool.spec.json")
     rp = collect(pp, lp, workdir / f"{tag}-peer.spec.json")
     return rq, rp
@@ -535,6 +553,13 @@ def render(data: dict) -> str:
         "forward batch 8 (qtool's default); llm-compressor's sequential pipeline, calibration batch 1 (its default). "
         "qtool's rotation mixes the 9 heads with a random orthogonal 9 x 9 (no Hadamard of order 9); "
         "llm-compressor's R1/R2/R4 Hadamard does not mix heads.",
+    ]
+    if "allocator" in s:  # runs before the allocator settings existed ran both with glibc's defaults
+        md.append(
+            f"Allocator (GLIBC_TUNABLES): qtool `{s['allocator']['qtool']}` (what its command line sets for "
+            f"itself, qtool/allocator.py); peer `{s['allocator']['peer']}`."
+        )
+    md += [
         f"Versions: qtool side {json.dumps(data['qtool_versions'])}; peer side {json.dumps(data['peer_versions'])}.",
         f"Command: `{data['command']}`",
     ]
@@ -570,6 +595,13 @@ def main() -> None:
         "its time and RSS then include that evaluation)",
     )
     p.add_argument("--peer-python", default=str(REPO / ".peer-venv/bin/python"))
+    p.add_argument(
+        "--peer-allocator",
+        choices=["default", "qtool"],
+        default="default",
+        help="the peer's process with glibc's default allocator settings (as it runs), or with the ones "
+        "qtool's command line sets for itself (qtool.allocator), to see what they do for it",
+    )
     p.add_argument(
         "--keep", default=None, help="keep checkpoints and logs in this folder (default: a temp folder)"
     )
@@ -696,6 +728,12 @@ def main() -> None:
                     "true_sequential": args.true_sequential == "on",
                     "smoke": args.smoke,
                     "dtype": "float32",
+                    "allocator": {
+                        "qtool": allocator_env(True).get("GLIBC_TUNABLES", "glibc defaults"),
+                        "peer": allocator_env(args.peer_allocator == "qtool").get(
+                            "GLIBC_TUNABLES", "glibc defaults"
+                        ),
+                    },
                     "gptq": {"damp": GPTQ_DAMP, "block_size": GPTQ_BLOCK, "weight_ranges": "min-max"},
                 },
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
