@@ -2,7 +2,8 @@
 
 The layers, lowest first; a module may import modules of its own layer or of a lower one:
 
-0. ``qtool`` (the package: version), ``qtool.errors``, ``qtool.log``, ``qtool.config``, ``qtool.dist``
+0. ``qtool`` (the package: version), ``qtool.errors``, ``qtool.log``, ``qtool.config``, ``qtool.dist``,
+   ``qtool.allocator``
 1. ``qtool.quant``: quantizers, packing, the scheme
 2. ``qtool.algorithms``: GPTQ, Hadamard, low-rank, BiSup and KV-smoothing math (tensors in, tensors out)
 3. ``qtool.ops``: kernels and their pure-PyTorch references
@@ -31,7 +32,7 @@ import pytest
 QTOOL = Path(__file__).resolve().parents[2] / "qtool"
 
 LAYERS: list[set[str]] = [
-    {"qtool", "qtool.errors", "qtool.log", "qtool.config", "qtool.dist"},
+    {"qtool", "qtool.errors", "qtool.log", "qtool.config", "qtool.dist", "qtool.allocator"},
     {"qtool.quant"},
     {"qtool.algorithms"},
     {"qtool.ops"},
