@@ -405,25 +405,22 @@ def allocator_env(tuned: bool) -> dict[str, str]:
     return {} if env is None else {"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]}
 
 
+def pinned_and_timed(core: int, *argv: str) -> list[str]:
+    """``argv`` on one core (``taskset``) under ``/usr/bin/time -v`` (peak RSS, wall and CPU seconds:
+    :func:`parse_time_v`)."""
+    return ["taskset", "-c", str(core), "/usr/bin/time", "-v", *argv]
+
+
 def launch(
     python: str, core: int, kind: str, spec: dict, workdir: Path, tag: str, tuned: bool = False
 ) -> tuple[subprocess.Popen, Path]:
     spec_path = workdir / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     log = workdir / f"{tag}.log"
-    cmd = [
-        "taskset",
-        "-c",
-        str(core),
-        "/usr/bin/time",
-        "-v",
-        python,
-        "-m",  # from the repository root: `qtool` imports from here in the peer venv too
-        "scripts.bench.vs_llmcompressor",
-        "_worker",
-        kind,
-        str(spec_path),
-    ]
+    # from the repository root: `qtool` imports from here in the peer venv too
+    cmd = pinned_and_timed(
+        core, python, "-m", "scripts.bench.vs_llmcompressor", "_worker", kind, str(spec_path)
+    )
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

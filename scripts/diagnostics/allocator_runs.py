@@ -23,7 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench.vs_llmcompressor import RESULTS, parse_time_v, qtool_recipe
+from scripts.bench.vs_llmcompressor import (
+    RESULTS,
+    allocator_env,
+    parse_time_v,
+    pinned_and_timed,
+    qtool_recipe,
+)
 
 SETTINGS = ("default", "qtool")
 
@@ -35,19 +41,9 @@ def run(setting: str, core: int, recipe: Path, out: Path, log: Path) -> subproce
     )
     if setting == "default":
         env["QTOOL_MALLOC"] = "default"
-    cmd = [
-        "taskset",
-        "-c",
-        str(core),
-        "/usr/bin/time",
-        "-v",
-        sys.executable,
-        "-m",
-        "qtool",
-        "quantize",
-        str(recipe),
-    ]
-    cmd += ["--output", str(out), "--overwrite"]
+    cmd = pinned_and_timed(
+        core, sys.executable, "-m", "qtool", "quantize", str(recipe), "--output", str(out), "--overwrite"
+    )
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
@@ -111,7 +107,7 @@ def main() -> None:
                 code = proc.wait()
                 text = log.read_text(errors="replace")
                 row = {"setting": setting, "run": k, "core": core, "exit_status": code, **parse_time_v(text)}
-                row["glibc_tunables"] = None if setting == "default" else versions_tunables()
+                row["glibc_tunables"] = allocator_env(setting == "qtool").get("GLIBC_TUNABLES")
                 if code != 0:
                     row["error_tail"] = [ln for ln in text.splitlines() if ln.strip()][-8:]
                 rows.append(row)
@@ -131,15 +127,6 @@ def main() -> None:
     (RESULTS / f"{args.out}.json").write_text(json.dumps(data, indent=2))
     (RESULTS / f"{args.out}.md").write_text(render(data))
     print(render(data))
-
-
-def versions_tunables() -> str | None:
-    """The tunables a `python -m qtool` process gives itself here (its --version)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "QTOOL_MALLOC")}
-    out = subprocess.run(
-        [sys.executable, "-m", "qtool", "--version"], env=env, capture_output=True, text=True
-    )
-    return json.loads(out.stdout).get("glibc_tunables") if out.returncode == 0 else None
 
 
 if __name__ == "__main__":
